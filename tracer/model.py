@@ -1,0 +1,388 @@
+"""Stage 3 and 5-6 of the walkthrough: the Llama network itself, written to be read.
+
+embedding -> N x [RMSNorm -> attention (RoPE, GQA, KV cache) -> add -> RMSNorm -> SwiGLU MLP -> add]
+-> final RMSNorm -> lm_head.
+
+Numerics follow transformers' ``modeling_llama.py`` where it matters for agreement: RMSNorm in
+float32 then back to the input dtype before the weight; cos/sin computed in float32 then cast;
+softmax of the explicit attention path in float32.
+
+Shape alphabet: B batch, T new tokens, S keys (cached + new), D hidden, H query heads, Hkv KV heads,
+hd head dim, F intermediate, V vocab, L layers.
+
+Speed notes: q/k/v and gate/up are stored fused (one matmul each; the loader concatenates the
+checkpoint's separate tensors), the KV cache is preallocated, and hook points cost one list check
+when nothing is attached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (math as small functions)
+
+
+def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [hd/2] (float32) for ``cfg.rope``; ``seq_len`` matters for 'dynamic'."""
+    rope, dim = cfg.rope, cfg.head_dim
+    base = rope.theta
+    if rope.rope_type == "dynamic":
+        # NTK-aware scaling raises the base only once the sequence outgrows the trained length.
+        seq = max(seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        scale = (rope.factor * seq / cfg.max_position_embeddings) - (rope.factor - 1)
+        base = base * scale ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope.rope_type == "linear":
+        # Linear scaling stretches positions; dividing the frequencies is the same thing.
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        inv_freq = _llama3_scale(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, rope) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent scaling: long wavelengths slowed by ``factor``, short kept,
+    the band between interpolated smoothly."""
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [T, hd] for integer ``positions`` [T], computed in float32, cast last."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]  # [T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]: each frequency serves a pair (i, i + hd/2)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the last dim: RoPE rotates pairs (i, i+hd/2), as HF does."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, T, heads, hd] by position; cos/sin are [T, hd]."""
+    cos = cos[None, :, None, :]  # [1, T, 1, hd]
+    sin = sin[None, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [L, B, Hkv, max_len, hd] each.
+
+    Sized for the length a generation asks for, not for ``max_position_embeddings`` (a Llama 3
+    config says 131072). ``length`` counts the positions already written; a decode step writes
+    position ``length`` and attends to ``[0, length]``.
+    """
+
+    def __init__(
+        self, cfg: LlamaConfig, max_len: int, *, batch: int = 1, device=None, dtype=torch.float32
+    ) -> None:
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        # RoPE tables for every position this cache can hold, computed once.
+        inv_freq = rope_inv_freq(cfg, max_len)
+        positions = torch.arange(max_len, device=device)
+        self.cos, self.sin = rope_cos_sin(inv_freq, positions, dtype)
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new ``k``/``v`` [B, Hkv, T, hd] at ``start``; return views of all keys so far."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= ``length`` (used to branch from an earlier step)."""
+        self.length = min(self.length, length)
+
+    def clone(self) -> KVCache:
+        """An independent copy (for branching generation)."""
+        other = object.__new__(KVCache)
+        other.k, other.v = self.k.clone(), self.v.clone()
+        other.max_len, other.length = self.max_len, self.length
+        other.cos, other.sin = self.cos, self.sin  # read-only tables are shared
+        return other
+
+    def bytes_used(self) -> int:
+        """Bytes of the positions written so far (K and V, all layers)."""
+        per_pos = self.k[:, :, :, :1].numel() * self.k.element_size() * 2
+        return per_pos * self.length
+
+    @property
+    def bytes_allocated(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 then cast back before the weight (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hkv, S, hd] -> [B, Hkv * n_rep, S, hd]: each KV head serves n_rep query heads (GQA)."""
+    if n_rep == 1:
+        return x
+    B, Hkv, S, hd = x.shape
+    return x[:, :, None].expand(B, Hkv, n_rep, S, hd).reshape(B, Hkv * n_rep, S, hd)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Explicit attention weights [B, H, T, S] (softmax in float32), for when the pattern is wanted."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
+    """Boolean [T, start + T] mask: new token i (at position start + i) sees keys 0..start + i.
+
+    The mask is rectangular because the queries are only the T new tokens while the keys are every
+    cached position too. For one decode token (T == 1) every key is visible, so no mask is needed.
+    """
+    if T == 1:
+        return None
+    rows = torch.arange(T, device=device)[:, None] + start
+    cols = torch.arange(start + T, device=device)[None, :]
+    return cols <= rows
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, RoPE and a KV cache."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        # q_proj, k_proj, v_proj fused into one [H*hd + 2*Hkv*hd, D] matrix: one matmul, not three.
+        self.wqkv = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias,
+            device=device, dtype=dtype,
+        )
+        self.wo = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.hook_q, self.hook_k, self.hook_v, self.hook_pattern, self.hook_z, self.hook_out = (
+            HookPoint(block_point(layer, p))
+            for p in ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out")
+        )
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, cache: KVCache | None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)  # [B, T, H*hd + 2*Hkv*hd]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, hd]
+        k = k.view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, hd]
+        v = v.view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, hd]
+        q = self.hook_q(apply_rope(q, cos, sin))
+        k = self.hook_k(apply_rope(k, cos, sin))
+        v = self.hook_v(v)
+
+        q = q.transpose(1, 2)  # [B, H, T, hd]
+        k = k.transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.transpose(1, 2)  # [B, Hkv, T, hd]
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # [B, Hkv, S, hd], S = start + T
+        k = repeat_kv(k, self.n_heads // self.n_kv)  # [B, H, S, hd]
+        v = repeat_kv(v, self.n_heads // self.n_kv)  # [B, H, S, hd]
+
+        if self.hook_pattern.fns:
+            # Explicit path, only for layers whose pattern someone asked for.
+            mask = causal_mask(T, start, x.device)
+            probs = self.hook_pattern(attention_probs(q, k, mask, self.scale))  # [B, H, T, S]
+            z = torch.matmul(probs, v)  # [B, H, T, hd]
+        elif T > 1 and start > 0:
+            mask = causal_mask(T, start, x.device)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            # Prefill from position 0 is plainly causal; one decode token sees every key.
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        z = self.hook_z(z.transpose(1, 2))  # [B, T, H, hd]
+        return self.hook_out(self.wo(z.reshape(B, T, self.q_size)))  # [B, T, D]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.ffn = cfg.intermediate_size
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * self.ffn, bias=cfg.mlp_bias, device=device, dtype=dtype)
+        self.w_down = nn.Linear(self.ffn, cfg.hidden_size, bias=cfg.mlp_bias, device=device, dtype=dtype)
+        self.hook_act = HookPoint(block_point(layer, "mlp.act"))
+        self.hook_out = HookPoint(block_point(layer, "mlp.out"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.ffn, dim=-1)  # [B, T, F] each
+        act = self.hook_act(F.silu(gate) * up)  # [B, T, F]
+        return self.hook_out(self.w_down(act))  # [B, T, D]
+
+
+class Block(nn.Module):
+    """One transformer layer: pre-norm attention and pre-norm MLP, each added to the residual."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.attn = Attention(cfg, layer, device, dtype)
+        self.ln2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.mlp = MLP(cfg, layer, device, dtype)
+        self.hook_ln1 = HookPoint(block_point(layer, "ln1"))
+        self.hook_resid_mid = HookPoint(block_point(layer, "resid_mid"))
+        self.hook_ln2 = HookPoint(block_point(layer, "ln2"))
+        self.hook_resid_post = HookPoint(block_point(layer, "resid_post"))
+
+    def hook_points(self) -> list[HookPoint]:
+        """This block's points in forward order (matches ``hooks.BLOCK_POINTS``)."""
+        a, m = self.attn, self.mlp
+        return [
+            self.hook_ln1, a.hook_q, a.hook_k, a.hook_v, a.hook_pattern, a.hook_z, a.hook_out,
+            self.hook_resid_mid, self.hook_ln2, m.hook_act, m.hook_out, self.hook_resid_post,
+        ]
+
+    def forward(self, x, cos, sin, start, cache):
+        h = x + self.attn(self.hook_ln1(self.ln1(x)), cos, sin, start, cache)
+        h = self.hook_resid_mid(h)
+        out = h + self.mlp(self.hook_ln2(self.ln2(h)))
+        return self.hook_resid_post(out)
+
+
+class LlamaModel(nn.Module):
+    """The whole network. ``device="meta"`` builds it without allocating any weight."""
+
+    def __init__(self, cfg: LlamaConfig, device=None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.blocks = nn.ModuleList(Block(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        # Tied embeddings: the output projection reuses the input embedding matrix.
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        )
+        self.hook_embed = HookPoint("embed")
+        self.hook_final_norm = HookPoint("final_norm")
+        self.hook_logits = HookPoint("logits")
+        points = [self.hook_embed]
+        for b in self.blocks:
+            points += b.hook_points()
+        self.hooks = HookRegistry(points + [self.hook_final_norm, self.hook_logits])
+        assert [p.split(".", 2)[-1] for p in self.hooks if p.startswith("blocks.0.")] == list(BLOCK_POINTS)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def output_weight(self) -> torch.Tensor:
+        """The [V, D] matrix that turns a hidden state into logits (lm_head, or the embedding)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """final_norm then lm_head — also what the logit lens applies to each layer's residual."""
+        return F.linear(self.final_norm(h), self.output_weight())
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        """A KV cache on this model's device and dtype for ``max_len`` positions."""
+        return KVCache(self.config, max_len, batch=batch, device=self.device, dtype=self.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for ``input_ids`` [B, T].
+
+        Without a cache the tokens sit at positions 0..T-1. With a cache they continue at
+        ``cache.length``, their keys and values are stored, and ``cache.length`` advances by T.
+        ``last_only`` computes logits for the last position only (what generation needs).
+        """
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if cache is None:
+            positions = torch.arange(T, device=input_ids.device)
+            cos, sin = rope_cos_sin(rope_inv_freq(self.config, T), positions, self.dtype)
+        else:
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {start + T}")
+            cos, sin = cache.cos[start : start + T], cache.sin[start : start + T]
+
+        h = self.hook_embed(self.embed(input_ids))  # [B, T, D]
+        for block in self.blocks:
+            h = block(h, cos, sin, start, cache)
+        if cache is not None:
+            cache.length = start + T
+        if last_only:
+            h = h[:, -1:]  # [B, 1, D]
+        h = self.hook_final_norm(self.final_norm(h))
+        return self.hook_logits(F.linear(h, self.output_weight()))  # [B, T, V]
+
+
+@torch.no_grad()
+def init_weights(model: LlamaModel, generator: torch.Generator | None = None) -> None:
+    """Random init as transformers does: normal(0, initializer_range) for matrices, ones for norms."""
+    std = model.config.initializer_range
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() == 2:
+            p.normal_(0.0, std, generator=generator)
+        elif "ln" in name or "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.zero_()
