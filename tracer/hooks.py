@@ -203,3 +203,28 @@ class HookRegistry:
 
         with self.attach(patterns, keep):
             yield rec
+
+
+def point_shapes(cfg, T: int, S: int, B: int = 1) -> dict[str, tuple[int, ...]]:
+    """The shape of every point for a forward of T new tokens with S keys in total (S = cached + T)."""
+    D, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    per_block = {
+        "ln1": (B, T, D),
+        "attn.q": (B, T, H, hd),
+        "attn.k": (B, T, Hkv, hd),
+        "attn.v": (B, T, Hkv, hd),
+        "attn.pattern": (B, H, T, S),
+        "attn.z": (B, T, H, hd),
+        "attn.out": (B, T, D),
+        "resid_mid": (B, T, D),
+        "ln2": (B, T, D),
+        "mlp.act": (B, T, cfg.intermediate_size),
+        "mlp.out": (B, T, D),
+        "resid_post": (B, T, D),
+    }
+    shapes = {"embed": (B, T, D)}
+    for i in range(cfg.num_hidden_layers):
+        shapes.update({block_point(i, p): s for p, s in per_block.items()})
+    shapes["final_norm"] = (B, T, D)
+    shapes["logits"] = (B, T, cfg.vocab_size)
+    return shapes

@@ -1,0 +1,315 @@
+"""The public face: ``tracer.load()`` and the :class:`Llama` it returns.
+
+``load`` walks stages 1-3 (config -> resolve -> construct on the meta device -> load shard by shard)
+and records each as a trace event; ``Llama.generate`` walks stages 4-7 and returns a
+:class:`Generation` whose ``trace`` holds the load events followed by its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import sampling
+from .checkpoint import ResolvedCheckpoint, load_weights, resolve
+from .config import GenerationDefaults, LlamaConfig, dtype_bytes
+from .errors import DeviceError, GenerationError, TokenizerError
+from .generate import CaptureOptions, Decoder
+from .model import LlamaModel
+from .tokenizer import Tokenizer, load_tokenizer
+from .trace import (
+    ConfigEvent,
+    DetokenizeEvent,
+    LoadShardEvent,
+    ResolveEvent,
+    TokenizeEvent,
+    Trace,
+    memory_snapshot,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def embedded_path() -> Path:
+    """Folder of the small Llama shipped inside the package (the embedded default)."""
+    return Path(str(resources.files("tracer") / "embedded"))
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; an absent CUDA device is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r} asked for, but CUDA is not available here (no GPU, or a CPU-only "
+                "torch build); use device='cpu' or 'auto'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise DeviceError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype, cfg: LlamaConfig, device: torch.device) -> torch.dtype:
+    """'auto' -> the checkpoint's dtype on CUDA, float32 on the CPU (fp16 matmuls are slow there
+    for training-sized work, and float32 is what a CPU reference computes in)."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return DTYPES.get(cfg.torch_dtype, torch.float32)
+        return torch.float32
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise DeviceError(f"dtype {dtype!r} is not supported; use 'auto', 'float32', 'float16' or 'bfloat16'")
+    return DTYPES[name]
+
+
+def check_fits(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Before allocating: compare the weights' size with the device's free memory."""
+    if device.type != "cuda":
+        return
+    name = str(dtype).replace("torch.", "")
+    need = cfg.memory_bytes(name)
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        halves = " (float16 or bfloat16 halves float32's size)" if name == "float32" else ""
+        raise DeviceError(
+            f"the weights need {need / 1e9:.1f} GB in {name} but {device} has {free / 1e9:.1f} GB "
+            f"free of {total / 1e9:.1f} GB{halves}; use a smaller dtype, free GPU memory, or device='cpu'"
+        )
+
+
+@dataclass
+class Generation:
+    """The result of :meth:`Llama.generate`."""
+
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    finish_reason: str
+    trace: Trace
+    steps: list
+
+
+class Llama:
+    """A loaded model with its tokenizer, generation defaults and load trace."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        defaults: GenerationDefaults,
+        resolved: ResolvedCheckpoint | None,
+        load_trace: Trace,
+    ) -> None:
+        self.model = model
+        self.config: LlamaConfig = model.config
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.resolved = resolved
+        self.load_trace = load_trace
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def __repr__(self) -> str:
+        c = self.config
+        src = self.resolved.source if self.resolved else "?"
+        return (f"Llama({src!r}, {c.num_parameters / 1e6:.1f}M params, {c.num_hidden_layers} layers, "
+                f"{c.attention_kind}, {self.dtype}, {self.device})")
+
+    # --- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, ids) -> torch.Tensor:
+        """Logits [len(ids), V] in float32 for one sequence: a full forward, no cache."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise GenerationError("logits() needs at least one token id")
+        if len(ids) > self.config.max_position_embeddings:
+            raise GenerationError(
+                f"{len(ids)} tokens exceed max_position_embeddings ({self.config.max_position_embeddings})"
+            )
+        x = torch.tensor([ids], device=self.device)
+        return self.model(x)[0].float()
+
+    # --- generation ---------------------------------------------------------------------------
+    def settings(self, **overrides) -> tuple[sampling.SamplingSettings, int | None]:
+        """transformers' defaults, then generation_config.json, then the caller's values."""
+        d = self.defaults
+        values = {
+            "do_sample": d.do_sample,
+            "temperature": d.temperature,
+            "top_k": d.top_k,
+            "top_p": d.top_p,
+            "repetition_penalty": d.repetition_penalty,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return sampling.SamplingSettings(**values), d.max_new_tokens
+
+    def encode_prompt(self, prompt, *, chat: bool = False, system: str | None = None):
+        """Prompt text (or ids) -> (ids, text shown, template used) for the ``tokenize`` event."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise GenerationError("the prompt is empty")
+            if chat:
+                messages = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": prompt}
+                ]
+                ids = self.tokenizer.llama2_chat(messages)
+                return ids, self.tokenizer.decode(ids, skip_special_tokens=False), "llama2-chat"
+            return self.tokenizer.encode(prompt, add_bos=True), prompt, None
+        ids = [int(i) for i in prompt]
+        return ids, self.tokenizer.decode(ids, skip_special_tokens=False), None
+
+    def decoder(
+        self,
+        prompt,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        capture: str = "light",
+        points=(),
+        budget_bytes: int | None = None,
+        lens: bool = False,
+        top_n: int = 20,
+        chat: bool = False,
+        system: str | None = None,
+    ) -> Decoder:
+        """A step-by-step generation (what the notebook stepper drives); see :meth:`generate`."""
+        settings, default_max = self.settings(
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty,
+        )
+        max_new = max_new_tokens if max_new_tokens is not None else (default_max or 64)
+        opts = CaptureOptions(capture, tuple([points] if isinstance(points, str) else points),
+                              **({"budget_bytes": budget_bytes} if budget_bytes else {}),
+                              top_k=top_n, lens=lens)
+        trace = self.load_trace.copy() if capture != "off" else Trace(meta=self.load_trace.meta)
+        t0, started = time.perf_counter(), time.time()
+        ids, text, template = self.encode_prompt(prompt, chat=chat, system=system)
+        if capture != "off":
+            trace.add(TokenizeEvent(
+                time=started, seconds=time.perf_counter() - t0, text=text, template=template,
+                ids=ids, pieces=self.tokenizer.pieces(ids), added_bos=bool(ids) and ids[0] == self.tokenizer.bos_id,
+            ))
+        return Decoder(
+            self.model, ids, settings, max_new_tokens=max_new, eos_ids=self.defaults.eos_token_ids,
+            seed=seed, capture=opts, trace=trace, piece=self.tokenizer.id_to_piece,
+        )
+
+    def generate(self, prompt, *, max_new_tokens: int | None = None, **kwargs) -> Generation:
+        """Generate a continuation of ``prompt`` (text or ids).
+
+        Sampling knobs (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``) default to transformers' GenerationConfig defaults overridden by the
+        checkpoint's generation_config.json; ``seed`` seeds a ``torch.Generator`` that feeds
+        ``torch.multinomial``. ``capture`` is "off", "light" (default) or "full" (with ``points``).
+        """
+        dec = self.decoder(prompt, max_new_tokens=max_new_tokens, **kwargs)
+        dec.run()
+        return self.finish(dec)
+
+    def finish(self, dec: Decoder) -> Generation:
+        """Detokenize a decoder's new ids into a :class:`Generation` (adds the ``detokenize`` event)."""
+        t0, started = time.perf_counter(), time.time()
+        text = self.tokenizer.decode(dec.new_ids, skip_special_tokens=True)
+        if dec.capture.policy != "off":
+            dec.trace.add(DetokenizeEvent(
+                time=started, seconds=time.perf_counter() - t0, new_ids=list(dec.new_ids),
+                pieces=self.tokenizer.pieces(dec.new_ids), text=text,
+                finish_reason=dec.finish_reason or "stopped",
+            ))
+        return Generation(dec.prompt_ids, list(dec.new_ids), text, dec.finish_reason or "stopped",
+                          dec.trace, list(dec.history))
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> Llama:
+    """Load a Llama checkpoint (a folder or hub repo id; None = the embedded default model).
+
+    The model is built on the meta device (no memory), allocated once on the target device in
+    the target dtype, then filled shard by shard, tensor by tensor. Each stage is a trace event in
+    ``llm.load_trace``.
+    """
+    trace = Trace()
+    dev = pick_device(device)
+    t0, started = time.perf_counter(), time.time()
+    resolved = resolve(embedded_path() if source is None else source, revision=revision, token=token)
+    trace.add(ResolveEvent(time=started, seconds=time.perf_counter() - t0, memory=memory_snapshot(dev),
+                           **resolved.summary()))
+
+    t0, started = time.perf_counter(), time.time()
+    cfg = LlamaConfig.from_file(resolved.config_file)
+    torch_dtype = pick_dtype(dtype, cfg, dev)
+    dname = str(torch_dtype).replace("torch.", "")
+    # Events are listed in walkthrough order (config first), though resolution found the file.
+    trace.events.insert(0, ConfigEvent(
+        time=started, seconds=time.perf_counter() - t0, source=str(resolved.config_file),
+        config=cfg.summary(), num_parameters=cfg.num_parameters, memory_table=cfg.memory_table(),
+        runtime_dtype=dname, runtime_bytes=cfg.num_parameters * dtype_bytes(dname),
+    ))
+    for i, e in enumerate(trace.events):
+        e.seq = i
+    check_fits(cfg, dev, torch_dtype)
+
+    # Construct without allocating (meta), then allocate uninitialised storage on the device.
+    model = LlamaModel(cfg, device="meta", dtype=torch_dtype).to_empty(device=dev)
+    model.eval()
+    bar = _progress(len(resolved.weight_files), progress)
+    for report in load_weights(model, resolved):
+        trace.add(LoadShardEvent(
+            time=time.time() - report.seconds, seconds=report.seconds, memory=memory_snapshot(dev),
+            file=report.file, index=report.index, count=report.count,
+            bytes_on_disk=report.bytes_on_disk, num_tensors=report.tensors,
+            bytes_read=report.bytes_read, bytes_in_memory=report.bytes_in_memory,
+            casts=report.casts, device=report.device, dtype=report.dtype, unexpected=report.unexpected,
+        ))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    tokenizer = load_tokenizer(resolved.folder, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise TokenizerError(
+            f"{resolved.folder}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding "
+            f"table has only {cfg.vocab_size} rows (config.json vocab_size): they do not belong together"
+        )
+    defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
+    trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname)
+    return Llama(model, tokenizer, defaults, resolved, trace)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Loading checkpoint shards", unit="shard")

@@ -1,0 +1,345 @@
+"""The thread through every stage: typed events, the ordered trace, and its save/reload.
+
+Stage names (these exact strings; notebooks and tests use them)::
+
+    config, resolve, load_shard, tokenize, prefill, decode_step, sample, detokenize
+
+Every event carries its own small summaries (shapes, norms, top-k lists) even when no tensor is
+kept; ``capture="full"`` adds tensors at chosen hook points. A trace saves to one folder —
+``events.json`` (the events), ``tensors.safetensors`` (the tensors) and ``manifest.json`` (sizes and
+SHA-256 of both) — written beside the target and renamed into place, so a save interrupted midway
+leaves the old trace intact, and a truncated or edited folder fails to load with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import TraceError
+
+STAGES = ("config", "resolve", "load_shard", "tokenize", "prefill", "decode_step", "sample", "detokenize")
+CAPTURE_POLICIES = ("off", "light", "full")
+FORMAT = "llama-tracer-trace"
+VERSION = 1
+
+
+def memory_snapshot(device: torch.device | str | None = None) -> dict[str, int]:
+    """Current process RSS (bytes) and, on CUDA, allocated/peak GPU bytes."""
+    snap: dict[str, int] = {}
+    try:
+        with open("/proc/self/statm") as f:
+            snap["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        pass
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        snap["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        snap["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return snap
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass
+class Event:
+    """Common fields: order, wall-clock start, duration, memory after, kept tensors."""
+
+    stage: ClassVar[str] = ""
+    seq: int = -1
+    time: float = 0.0
+    seconds: float = 0.0
+    memory: dict[str, int] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tensors"}
+        d["stage"] = self.stage
+        d["tensor_names"] = sorted(self.tensors)
+        return d
+
+
+@dataclass
+class ConfigEvent(Event):
+    """config.json parsed: the typed config and the memory arithmetic."""
+
+    stage: ClassVar[str] = "config"
+    source: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    num_parameters: int = 0
+    memory_table: list[dict[str, Any]] = field(default_factory=list)
+    runtime_dtype: str = ""
+    runtime_bytes: int = 0
+
+
+@dataclass
+class ResolveEvent(Event):
+    """Which weight files were found and chosen."""
+
+    stage: ClassVar[str] = "resolve"
+    source: str = ""
+    folder: str = ""
+    origin: str = ""
+    repo_id: str | None = None
+    revision: str | None = None
+    sharded: bool = False
+    index_file: str | None = None
+    weight_files: list[str] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)
+    files_in_folder: list[str] = field(default_factory=list)
+    tensors_per_file: dict[str, int] | None = None
+
+
+@dataclass
+class LoadShardEvent(Event):
+    """One weight file read tensor by tensor: casts, bytes, device, seconds."""
+
+    stage: ClassVar[str] = "load_shard"
+    file: str = ""
+    index: int = 0
+    count: int = 0
+    bytes_on_disk: int = 0
+    num_tensors: int = 0
+    bytes_read: int = 0
+    bytes_in_memory: int = 0
+    casts: dict[str, int] = field(default_factory=dict)
+    device: str = ""
+    dtype: str = ""
+    unexpected: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenizeEvent(Event):
+    """Text (after any template) to pieces and ids."""
+
+    stage: ClassVar[str] = "tokenize"
+    text: str = ""
+    template: str | None = None
+    ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    added_bos: bool = False
+
+
+@dataclass
+class ForwardEvent(Event):
+    """Shared by prefill and decode_step: one forward pass with the KV cache."""
+
+    step: int = 0
+    positions: list[int] = field(default_factory=list)  # [first, last]
+    input_ids: list[int] = field(default_factory=list)
+    kv_cache: dict[str, Any] = field(default_factory=dict)
+    top_logits: dict[str, list] = field(default_factory=dict)  # ids/values at the last position
+    residual_norms: list[float] | None = None  # per layer, last position (with lens=True)
+    logit_lens: list[dict[str, list]] | None = None  # per layer: top ids/probs (with lens=True)
+
+
+@dataclass
+class PrefillEvent(ForwardEvent):
+    stage: ClassVar[str] = "prefill"
+
+
+@dataclass
+class DecodeStepEvent(ForwardEvent):
+    stage: ClassVar[str] = "decode_step"
+
+
+@dataclass
+class SampleEvent(Event):
+    """One token chosen: the top candidates after each sampling stage, and the choice."""
+
+    stage: ClassVar[str] = "sample"
+    step: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+    # stage name -> {"ids": [...], "scores": [...], "probs": [...]} (top-k of that stage)
+    stages: dict[str, dict[str, list]] = field(default_factory=dict)
+    candidates: int = 0  # tokens left with non-zero probability
+    chosen_id: int = 0
+    chosen_piece: str = ""
+    chosen_rank: int = 0  # 0 = the most likely under the final distribution
+    chosen_prob: float = 0.0
+    forced: bool = False  # picked by the user (a branch), not drawn
+
+
+@dataclass
+class DetokenizeEvent(Event):
+    """New ids back to text."""
+
+    stage: ClassVar[str] = "detokenize"
+    new_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.stage: cls
+    for cls in (
+        ConfigEvent, ResolveEvent, LoadShardEvent, TokenizeEvent, PrefillEvent,
+        DecodeStepEvent, SampleEvent, DetokenizeEvent,
+    )
+}
+assert tuple(EVENT_TYPES) == STAGES
+
+
+# ---------------------------------------------------------------------------------------------
+# The trace
+
+
+class Trace:
+    """An ordered list of events (``trace.events``) with counters, save and load."""
+
+    def __init__(self, events: list[Event] | None = None, meta: dict[str, Any] | None = None) -> None:
+        self.events: list[Event] = []
+        self.meta: dict[str, Any] = dict(meta or {})
+        for e in events or []:
+            self.add(e)
+
+    def add(self, event: Event) -> Event:
+        """Append ``event``, numbering it and stamping its wall-clock time if unset."""
+        event.seq = len(self.events)
+        if not event.time:
+            event.time = time.time()
+        self.events.append(event)
+        return event
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self):
+        return iter(self.events)
+
+    @property
+    def stages(self) -> list[str]:
+        """The stage of each event, in order."""
+        return [e.stage for e in self.events]
+
+    def of(self, stage: str) -> list[Event]:
+        """Events of one stage."""
+        if stage not in STAGES:
+            raise TraceError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+        return [e for e in self.events if e.stage == stage]
+
+    def copy(self) -> Trace:
+        """A shallow copy (events shared) for extending with more events."""
+        new = Trace(meta=self.meta)
+        new.events = list(self.events)
+        return new
+
+    def nbytes(self) -> int:
+        """Bytes of kept tensors."""
+        return sum(t.numel() * t.element_size() for e in self.events for t in e.tensors.values())
+
+    # --- save / load ----------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trace to folder ``path`` atomically (replacing an older trace there)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not (path / "manifest.json").is_file():
+            if any(path.iterdir()) if path.is_dir() else True:
+                raise TraceError(f"{path} exists and is not a trace folder: refusing to overwrite it")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+        try:
+            tensors = {
+                f"{e.seq}/{name}": t.detach().cpu().contiguous()
+                for e in self.events
+                for name, t in e.tensors.items()
+            }
+            save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": FORMAT})
+            doc = {"format": FORMAT, "version": VERSION, "meta": self.meta,
+                   "events": [e.to_json() for e in self.events]}
+            (tmp / "events.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "files": {n: _digest(tmp / n) for n in ("events.json", "tensors.safetensors")},
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            # Swap in: the old trace stays complete until the new one is whole.
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trace:
+        """Read a trace folder; needs no model, no weights and no GPU."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "manifest.json").is_file():
+            raise TraceError(f"{path}: not a trace folder (manifest.json missing)")
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            files = manifest["files"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise TraceError(f"{path}/manifest.json is corrupt") from None
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise TraceError(f"{path}: unsupported trace format {manifest.get('format')!r} v{manifest.get('version')}")
+        for name in ("events.json", "tensors.safetensors"):
+            f = path / name
+            if not f.is_file():
+                raise TraceError(f"{path}: {name} is missing (an incomplete copy?)")
+            if files.get(name) != _digest(f):
+                raise TraceError(
+                    f"{f}: size or SHA-256 differs from manifest.json: the file was truncated or "
+                    "edited after saving; re-copy or re-record the trace"
+                )
+        doc = json.loads((path / "events.json").read_text())
+        try:
+            tensors = load_file(str(path / "tensors.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            raise TraceError(f"{path}/tensors.safetensors cannot be read: {exc}") from None
+        trace = cls(meta=doc.get("meta", {}))
+        for raw in doc.get("events", []):
+            trace.add(_event_from_json(raw, path))
+        for key, t in tensors.items():
+            seq, _, name = key.partition("/")
+            trace.events[int(seq)].tensors[name] = t
+        return trace
+
+
+def _event_from_json(raw: dict, path: Path) -> Event:
+    stage = raw.get("stage")
+    cls = EVENT_TYPES.get(stage)
+    if cls is None:
+        raise TraceError(f"{path}/events.json: unknown stage {stage!r}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"tensors"}
+    kwargs = {k: v for k, v in raw.items() if k in names}
+    return cls(**kwargs)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (Path, torch.dtype, torch.device)):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
