@@ -44,3 +44,48 @@ def pytest_runtest_makereport(item, call):
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+# --- Checkpoints the tests build (transformers' save_pretrained + a sentencepiece tokenizer) ---
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_dir(tmp_path_factory):
+    """A Llama-2-style sentencepiece tokenizer folder (tokenizer.model + tokenizer_config.json)."""
+    import builders
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    builders.train_sentencepiece(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, sp_tokenizer_dir):
+    """Factory: ``make_checkpoint(**kwargs) -> (folder, hf_model)``; built once per kwargs."""
+    import builders
+
+    built: dict = {}
+
+    def make(**kwargs):
+        key = repr(sorted(kwargs.items()))
+        if key not in built:
+            folder = tmp_path_factory.mktemp("ckpt")
+            model = builders.build_checkpoint(folder, sp_tokenizer_dir, **kwargs)
+            built[key] = (folder, model)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint):
+    """The default small checkpoint: GQA, sharded, float32 weights; returns its folder."""
+    return make_checkpoint(shard_size="60KB")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_checkpoint):
+    """``tracer.load`` of the default small checkpoint on the CPU in float32."""
+    import tracer
+
+    return tracer.load(tiny_checkpoint, device="cpu", dtype="float32", progress=False)
