@@ -218,6 +218,8 @@ class HFTokenizersTokenizer(Tokenizer):
         except Exception as exc:  # the Rust side raises a generic Exception with its message
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({exc}); re-download it") from None
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self._tk_literal = TkTokenizer.from_str(self.tk.to_str())
+        self._tk_literal.encode_special_tokens = True
         self.special_tokens = {
             t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special
         }
@@ -232,8 +234,17 @@ class HFTokenizersTokenizer(Tokenizer):
             return self.tk.token_to_id(token)
         return fallback
 
+    def encode(self, text: str, add_bos: bool = True, *, parse_special: bool = False) -> list[int]:
+        # The tokenizers library splits special-token strings itself (and knows its own
+        # prefix-space rules around them); a second instance reads them as plain text.
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        tk = self.tk if parse_special else self._tk_literal
+        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        return ids + tk.encode(text, add_special_tokens=False).ids
+
     def _encode_plain(self, text: str, first: bool = True) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        return self._tk_literal.encode(text, add_special_tokens=False).ids
 
     def _decode_plain(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)

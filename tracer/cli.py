@@ -1,0 +1,148 @@
+"""Command line: ``python -m tracer generate|trace|info``.
+
+Errors the tracer understands (``TracerError``) print one line and exit with status 2; ``--debug``
+shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from .errors import TracerError
+
+# The walkthrough's run.py settings (Llama-2-7b-chat-hf in fp16, text-generation pipeline).
+WALKTHROUGH = {
+    "max_new_tokens": 512,
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "top_k": 40,
+    "repetition_penalty": 1.1,
+}
+WALKTHROUGH_SYSTEM = "You are a helpful, respectful and honest assistant."
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="folder or hub repo id (default: the embedded model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--token", default=None, help="hub token for gated repos (or set HF_TOKEN)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Llama 2 chat format")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
+    p.add_argument("--sample", action="store_true", help="sampling (do_sample=True)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--walkthrough", action="store_true",
+                   help="the walkthrough's settings: 512 tokens, T=0.7, top-k 40, top-p 0.95, penalty 1.1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tracer", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a continuation")
+    _add_model_args(g)
+    _add_generation_args(g)
+    g.add_argument("--json", action="store_true", help="print a JSON result")
+
+    t = sub.add_parser("trace", help="generate and save the trace folder")
+    _add_model_args(t)
+    _add_generation_args(t)
+    t.add_argument("--out", required=True, help="trace folder to write")
+    t.add_argument("--capture", default="light", choices=["light", "full"])
+    t.add_argument("--points", action="append", default=[], help="hook-point glob (with --capture full)")
+    t.add_argument("--lens", action="store_true", help="record the logit lens per layer")
+
+    i = sub.add_parser("info", help="show a checkpoint's config and memory arithmetic")
+    _add_model_args(i)
+    return parser
+
+
+def _generation_kwargs(args) -> dict:
+    kw = dict(WALKTHROUGH) if args.walkthrough else {}
+    if args.greedy and args.sample:
+        raise TracerError("--greedy and --sample contradict each other; pick one")
+    if args.greedy:
+        kw["do_sample"] = False
+    if args.sample:
+        kw["do_sample"] = True
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    if args.chat:
+        kw["chat"] = True
+        kw["system"] = args.system if args.system is not None else (WALKTHROUGH_SYSTEM if args.walkthrough else None)
+    elif args.system is not None:
+        raise TracerError("--system needs --chat")
+    return kw
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                token=args.token, progress=sys.stderr.isatty())
+
+
+def run(args) -> int:
+    """Execute a parsed command; returns the exit status."""
+    if args.command == "info":
+        from .api import embedded_path
+        from .checkpoint import resolve
+        from .config import LlamaConfig
+
+        resolved = resolve(args.model or embedded_path(), revision=args.revision, token=args.token)
+        cfg = LlamaConfig.from_file(resolved.config_file)
+        print(json.dumps({"resolve": resolved.summary(), "config": cfg.summary(),
+                          "memory": cfg.memory_table()}, indent=2, default=str))
+        return 0
+    llm = _load(args)
+    kw = _generation_kwargs(args)
+    if args.command == "generate":
+        gen = llm.generate(args.prompt, capture="off", **kw)
+        if args.json:
+            print(json.dumps({"prompt_ids": gen.prompt_ids, "new_ids": gen.new_ids, "text": gen.text,
+                              "finish_reason": gen.finish_reason}))
+        else:
+            print(gen.text)
+        return 0
+    gen = llm.generate(args.prompt, capture=args.capture, points=tuple(args.points), lens=args.lens, **kw)
+    path = gen.trace.save(args.out)
+    print(gen.text)
+    print(f"trace: {len(gen.trace)} events ({', '.join(dict.fromkeys(gen.trace.stages))}) -> {path}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m tracer`` and the ``llama-tracer`` script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except TracerError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
