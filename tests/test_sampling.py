@@ -1,0 +1,116 @@
+"""tracer.sampling: each stage against transformers' processors, the order, and the draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tracer import sampling
+from tracer.errors import GenerationError
+
+logits_process = pytest.importorskip("transformers.generation.logits_process")
+
+PARAMS = [
+    dict(temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.1),  # the walkthrough's
+    dict(temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0),  # transformers' defaults
+    dict(temperature=1.3, top_k=0, top_p=0.5, repetition_penalty=1.5),
+    dict(temperature=0.2, top_k=5, top_p=0.9, repetition_penalty=0.8),
+    dict(temperature=0.9, top_k=1000, top_p=0.3, repetition_penalty=2.0),
+]
+
+
+def hf_distribution(logits, previous, temperature, top_k, top_p, repetition_penalty):
+    """transformers' sampling order, built from its own processor classes."""
+    chain = logits_process.LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        chain.append(logits_process.RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if temperature != 1.0:
+        chain.append(logits_process.TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        chain.append(logits_process.TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        chain.append(logits_process.TopPLogitsWarper(top_p))
+    scores = chain(previous[None], logits[None].clone())
+    return torch.softmax(scores, dim=-1)[0]
+
+
+@pytest.mark.parametrize("params", PARAMS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_distribution_matches_transformers(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(500, generator=g) * 3
+    previous = torch.randint(0, 500, (30,), generator=g)
+    got = sampling.distribution(logits, previous, **params)
+    expected = hf_distribution(logits, previous, **params)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert torch.isclose(got.sum(), torch.tensor(1.0))
+
+
+def test_each_stage_matches_its_transformers_processor():
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(1, 300, generator=g) * 2
+    prev = torch.randint(0, 300, (1, 40), generator=g)
+    pairs = [
+        (sampling.apply_repetition_penalty(scores, prev, 1.3),
+         logits_process.RepetitionPenaltyLogitsProcessor(1.3)(prev, scores.clone())),
+        (sampling.apply_temperature(scores, 0.6), logits_process.TemperatureLogitsWarper(0.6)(prev, scores.clone())),
+        (sampling.apply_top_k(scores, 17), logits_process.TopKLogitsWarper(17)(prev, scores.clone())),
+        (sampling.apply_top_p(scores, 0.8), logits_process.TopPLogitsWarper(0.8)(prev, scores.clone())),
+    ]
+    for ours, theirs in pairs:
+        assert torch.equal(ours, theirs)
+
+
+def test_repetition_penalty_pushes_both_signs_down_once_per_id():
+    scores = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = sampling.apply_repetition_penalty(scores, torch.tensor([0, 1, 1, 0]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+
+
+def test_top_k_keeps_ties_and_top_p_keeps_the_best():
+    scores = torch.tensor([1.0, 3.0, 3.0, 0.0])
+    assert torch.isinf(sampling.apply_top_k(scores, 1)).tolist() == [True, False, False, True]
+    peaked = torch.tensor([10.0, 0.0, 0.0])
+    assert torch.isfinite(sampling.apply_top_p(peaked, 0.01)).tolist() == [True, False, False]
+
+
+def test_greedy_skips_warpers_and_takes_argmax():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+    prev = torch.tensor([[1]])
+    settings = sampling.SamplingSettings(do_sample=False, temperature=0.1, top_k=1, repetition_penalty=2.0)
+    stages = sampling.stage_scores(logits, prev, settings)
+    assert torch.equal(stages["top_p"], stages["repetition_penalty"])
+    assert sampling.choose(stages["final"], do_sample=False).item() == 2  # 5.0 / 2 < 4.9
+
+
+def test_seeded_draws_are_reproducible_and_follow_the_generator():
+    probs = torch.softmax(torch.randn(1, 100, generator=torch.Generator().manual_seed(0)), -1)
+    draw = lambda seed: [  # noqa: E731
+        sampling.choose(probs, do_sample=True, generator=g).item()
+        for g in [torch.Generator().manual_seed(seed)]
+        for _ in range(20)
+    ]
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(do_sample=True, temperature=0.0),
+        dict(do_sample=True, temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(repetition_penalty=0.0),
+        dict(temperature=float("nan")),
+    ],
+)
+def test_invalid_settings_are_refused_with_a_message(bad):
+    with pytest.raises(GenerationError) as err:
+        sampling.SamplingSettings(**bad)
+    assert any(k in str(err.value) for k in bad)
+
+
+def test_stage_names_are_in_transformers_order():
+    assert sampling.STAGES == ("raw", "repetition_penalty", "temperature", "top_k", "top_p", "final")
