@@ -28,9 +28,11 @@ if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
   if ! has_gpu && [ -f "${wheels[0]}" ]; then
     echo "setup: no GPU; installing the local CPU torch wheel ${wheels[0]}"
     "${PIP[@]}" install -q "${wheels[0]}"
+    echo "setup: torch installed in ${SECONDS}s"
   else
     echo "setup: installing torch from the package index"
     "${PIP[@]}" install -q torch
+    echo "setup: torch installed in ${SECONDS}s"
   fi
 fi
 
@@ -40,6 +42,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: pip install -e .[test,lab]"
   "${PIP[@]}" install -q -e ".[test,lab]"
   echo "$want" > "$stamp"
+  echo "setup: done in ${SECONDS}s"
 else
   echo "setup: $VENV is up to date"
 fi
