@@ -1,0 +1,103 @@
+"""tracer.checkpoint: resolution, the hand-read safetensors loader, export, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import tracer
+from tracer import checkpoint
+from tracer.config import LlamaConfig
+from tracer.model import LlamaModel, init_weights
+
+
+def test_sharded_resolution_lists_shards_in_order(tiny_checkpoint):
+    r = checkpoint.resolve(tiny_checkpoint)
+    assert r.sharded and r.origin == "local"
+    names = [p.name for p in r.weight_files]
+    assert names == sorted(names) and len(names) >= 2
+    assert set(r.weight_map.values()) == set(names)
+
+
+def test_single_file_is_preferred_over_an_index(make_checkpoint, tmp_path):
+    folder, _ = make_checkpoint(kv_heads=4)
+    assert checkpoint.resolve(folder).weight_files[0].name == "model.safetensors"
+    assert not checkpoint.resolve(folder).sharded
+
+
+def test_load_events_report_each_shard(tiny_llm, tiny_checkpoint):
+    shards = [e for e in tiny_llm.load_trace.events if e.stage == "load_shard"]
+    assert [e.file for e in shards] == [p.name for p in checkpoint.resolve(tiny_checkpoint).weight_files]
+    assert sum(e.num_tensors for e in shards) == len(checkpoint.checkpoint_layout(tiny_llm.config))
+    assert all(e.seconds >= 0 and e.bytes_read > 0 and e.device == "cpu" for e in shards)
+
+
+def test_fp16_checkpoint_loaded_as_fp32_records_the_casts(make_checkpoint):
+    folder, _ = make_checkpoint(dtype=torch.float16, shard_size="60KB")
+    llm = tracer.load(folder, device="cpu", dtype="float32", progress=False)
+    casts = {}
+    for e in llm.load_trace.of("load_shard"):
+        for k, v in e.casts.items():
+            casts[k] = casts.get(k, 0) + v
+    assert casts == {"float16->float32": len(checkpoint.checkpoint_layout(llm.config))}
+    assert tracer.load(folder, device="cpu", dtype="auto", progress=False).dtype == torch.float32
+
+
+def test_save_pretrained_round_trip_is_exact(tmp_path):
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaModel(cfg)
+    init_weights(model, torch.Generator().manual_seed(0))
+    files = checkpoint.save_pretrained(model, tmp_path, dtype=torch.float32, max_shard_bytes=8000)
+    index = json.loads((tmp_path / checkpoint.INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) >= 2 and "lm_head.weight" not in index["weight_map"]
+    assert not list(tmp_path.glob(".saving-*")) and (tmp_path / "config.json") in files
+    loaded = LlamaModel(cfg, device="meta").to_empty(device="cpu")
+    list(checkpoint.load_weights(loaded, checkpoint.resolve(tmp_path)))
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_host_memory_while_loading_stays_below_one_shard(tmp_path):
+    """A ~240 MB fp16 checkpoint in 2 shards: peak RSS beyond the model's own bytes < one shard."""
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4, torch_dtype="float16")
+    model = LlamaModel(cfg, dtype=torch.float16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.01)
+    shard = cfg.memory_bytes("float16") // 2 + 1
+    checkpoint.save_pretrained(model, tmp_path, dtype=torch.float16, max_shard_bytes=shard)
+    del model
+    script = textwrap.dedent(f"""
+        import json, tracer
+        def rss():
+            return int(open('/proc/self/statm').read().split()[1]) * 4096
+        def peak():
+            for line in open('/proc/self/status'):
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+        import torch, safetensors, sentencepiece  # imports before the baseline
+        base = rss()
+        from tracer.checkpoint import resolve, load_weights
+        from tracer.config import LlamaConfig
+        from tracer.model import LlamaModel
+        r = resolve({str(tmp_path)!r})
+        cfg = LlamaConfig.from_file(r.config_file)
+        m = LlamaModel(cfg, device='meta', dtype=torch.float16).to_empty(device='cpu')
+        list(load_weights(m, r))
+        model_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+        print(json.dumps({{"base": base, "peak": peak(), "model": model_bytes}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    shard_bytes = max(p.stat().st_size for p in tmp_path.glob("model-*.safetensors"))
+    overhead = m["peak"] - m["base"] - m["model"]
+    print(f"model {m['model'] / 1e6:.0f} MB, largest shard {shard_bytes / 1e6:.0f} MB, "
+          f"peak RSS above baseline + model: {overhead / 1e6:.1f} MB")
+    assert overhead < shard_bytes
