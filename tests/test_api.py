@@ -1,0 +1,95 @@
+"""tracer.api: devices, dtypes, the public names, the walkthrough example and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tracer
+from tracer.api import pick_device, pick_dtype
+from tracer.config import LlamaConfig
+from tracer.errors import DeviceError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_auto_device_and_dtype_rules():
+    cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, torch_dtype="float16")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_dtype("auto", cfg, torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", cfg, torch.device("cuda")) == torch.float16
+    assert pick_dtype("bfloat16", cfg, torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_public_api_shapes(tiny_llm):
+    ids = tiny_llm.tokenizer.encode("The people", add_bos=True)
+    assert ids[0] == tiny_llm.tokenizer.bos_id
+    logits = tiny_llm.logits(ids)
+    assert logits.shape == (len(ids), tiny_llm.config.vocab_size) and logits.dtype == torch.float32
+    gen = tiny_llm.generate("The people", max_new_tokens=5, do_sample=True, temperature=0.7, top_k=40,
+                            top_p=0.95, repetition_penalty=1.1, seed=0)
+    assert gen.prompt_ids == ids and 1 <= len(gen.new_ids) <= 5
+    assert gen.text == tiny_llm.tokenizer.decode(gen.new_ids, skip_special_tokens=True)
+    again = tiny_llm.generate("The people", max_new_tokens=5, do_sample=True, temperature=0.7, top_k=40,
+                              top_p=0.95, repetition_penalty=1.1, seed=0)
+    assert again.new_ids == gen.new_ids  # seeded sampling is reproducible
+
+
+def test_generation_config_json_supplies_defaults(make_checkpoint):
+    folder, _ = make_checkpoint(kv_heads=4, generation_config={"do_sample": True, "temperature": 0.6, "top_p": 0.9})
+    llm = tracer.load(folder, device="cpu", progress=False)
+    settings, _ = llm.settings()
+    assert (settings.do_sample, settings.temperature, settings.top_p, settings.top_k) == (True, 0.6, 0.9, 50)
+    settings, _ = llm.settings(temperature=1.2, do_sample=False)
+    assert (settings.do_sample, settings.temperature) == (False, 1.2)
+
+
+def test_llama2_chat_format_at_token_level(tiny_llm):
+    tok = tiny_llm.tokenizer
+    ids = tok.llama2_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert ids == tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]")
+    two = tok.llama2_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                           {"role": "user", "content": "Again"}])
+    assert two == tok.encode("[INST] Hi [/INST] Hello ") + [tok.eos_id] + tok.encode("[INST] Again [/INST]")
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tracer", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_cli_generate_json(tiny_checkpoint):
+    out = run_cli("generate", "--model", str(tiny_checkpoint), "--prompt", "The people",
+                  "--max-new-tokens", "4", "--greedy", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    llm = tracer.load(tiny_checkpoint, device="cpu", progress=False)
+    assert result["new_ids"] == llm.generate("The people", max_new_tokens=4, do_sample=False).new_ids
+
+
+def test_cli_trace_writes_a_loadable_folder(tiny_checkpoint, tmp_path):
+    out = run_cli("trace", "--model", str(tiny_checkpoint), "--prompt", "The people", "--max-new-tokens", "3",
+                  "--out", str(tmp_path / "t"), "--capture", "full", "--points", "blocks.0.attn.pattern")
+    assert out.returncode == 0, out.stderr
+    trace = tracer.Trace.load(tmp_path / "t")
+    assert trace.stages[0] == "config" and trace.stages[-1] == "detokenize"
+    assert "blocks.0.attn.pattern" in trace.of("prefill")[0].tensors
+
+
+def test_walkthrough_example_runs(tiny_checkpoint):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "run.py"), "--model", str(tiny_checkpoint),
+                          "--max-new-tokens", "8", "--seed", "0"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "[INST]" in out.stdout
