@@ -119,7 +119,9 @@ class Decoder:
             self.generator.seed()
         # Sized for what this generation can reach, not for max_position_embeddings.
         self.cache: KVCache = model.new_cache(total)
-        self._last_logits: torch.Tensor | None = None  # [V] float32, for branching
+        # All ids (prompt + generated) on the device, for the repetition penalty without a copy.
+        self._id_buf = torch.zeros(total, dtype=torch.long, device=model.device)
+        self._id_buf[: len(prompt_ids)] = torch.tensor(prompt_ids)
         self._captured_bytes = 0
 
     # --- state --------------------------------------------------------------------------------
@@ -137,6 +139,8 @@ class Decoder:
         """Generate one token (or take ``force_id``), recording the stages per the capture policy."""
         if self.finished:
             raise GenerationError(f"generation already finished ({self.finish_reason}); start a new one")
+        if force_id is not None and not 0 <= force_id < self.model.config.vocab_size:
+            raise GenerationError(f"token id {force_id} is outside the vocabulary [0, {self.model.config.vocab_size})")
         logits = self._forward()
         return self._sample(logits, force_id)
 
@@ -154,9 +158,7 @@ class Decoder:
         x = torch.tensor([ids], device=self.model.device)
         policy = self.capture.policy
         if policy == "off":
-            logits = self.model(x, self.cache, last_only=True)[0, -1]
-            self._check_finite(logits, step)
-            return logits.float()
+            return self.model(x, self.cache, last_only=True)[0, -1]  # checked in _sample
         started, t0 = time.time(), time.perf_counter()
         start = self.cache.length
         with _Recorder(self, len(ids)) as rec:
@@ -185,28 +187,37 @@ class Decoder:
     def _sample(self, logits: torch.Tensor, force_id: int | None) -> StepRecord:
         step = len(self.new_ids)
         s = self.settings
-        prev = torch.tensor([self.ids], device=logits.device)
+        prev = self._id_buf[None, : len(self.prompt_ids) + step]  # every id so far, on the device
+        if self.capture.policy == "off":
+            return self._sample_untraced(logits, prev, force_id, step)
         t0, started = time.perf_counter(), time.time()
         stages = sampling.stage_scores(logits[None], prev, s)
         probs = stages["final"][0]
         if force_id is None:
             token = sampling.choose(probs[None], do_sample=s.do_sample, generator=self.generator)[0]
         else:
-            if not 0 <= force_id < probs.shape[-1]:
-                raise GenerationError(f"token id {force_id} is outside the vocabulary")
             token = torch.tensor(force_id, device=probs.device)
         chosen_p = probs[token]
         rank = (probs > chosen_p).sum()
-        if self.capture.policy == "off":
-            token_id = int(token)  # the one host sync of the step
-            prob, rank_i = float("nan"), -1
+        token_id, prob, rank_i = self._record_sample(stages, token, chosen_p, rank, step, force_id, started, t0)
+        return self._append(StepRecord(step, token_id, prob, rank_i, force_id is not None))
+
+    def _sample_untraced(self, logits, prev, force_id, step) -> StepRecord:
+        """capture="off": the sampling chain, nothing kept, one host sync for id + finiteness."""
+        if force_id is None:
+            token = sampling.next_token(logits[None], prev, self.settings, self.generator)[0]
         else:
-            token_id, prob, rank_i = self._record_sample(stages, token, chosen_p, rank, step, force_id, started, t0)
-        self._last_logits = logits
-        record = StepRecord(step, token_id, prob, rank_i, force_id is not None)
+            token = torch.tensor(force_id, device=logits.device)
+        token_id, finite = torch.stack([token, torch.isfinite(logits).all().long()]).tolist()
+        if not finite:
+            self._check_finite(logits, step)
+        return self._append(StepRecord(step, token_id, float("nan"), -1, force_id is not None))
+
+    def _append(self, record: StepRecord) -> StepRecord:
         self.history.append(record)
-        self.new_ids.append(token_id)
-        if token_id in self.eos_ids:
+        self._id_buf[len(self.prompt_ids) + len(self.new_ids)] = record.token_id
+        self.new_ids.append(record.token_id)
+        if record.token_id in self.eos_ids:
             self.finish_reason = "eos"
         elif len(self.new_ids) >= self.max_new_tokens:
             self.finish_reason = "max_new_tokens"
@@ -276,6 +287,7 @@ class Decoder:
         other.trace = Trace(meta=self.trace.meta)
         other.trace.events = [e for e in self.trace.events if getattr(e, "step", -1) < step]
         other.cache = self.cache.clone()
+        other._id_buf = self._id_buf.clone()
         # Positions written before `step`'s forward: the prompt, plus one per earlier decode.
         other.cache.truncate(len(self.prompt_ids) + max(step - 1, 0) if step else 0)
         other.generator = torch.Generator(device=self.model.device)

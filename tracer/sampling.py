@@ -157,6 +157,24 @@ def stage_scores(
     return out
 
 
+def next_token(
+    logits: torch.Tensor,
+    previous_ids: torch.Tensor,
+    settings: SamplingSettings,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The same chain as :func:`stage_scores`, keeping nothing: the untraced fast path.
+
+    Greedy takes the argmax of the processed scores directly (softmax does not move the argmax).
+    """
+    s = settings
+    x = apply_repetition_penalty(logits.float(), previous_ids, s.repetition_penalty)
+    if not s.do_sample:
+        return torch.argmax(x, dim=-1)
+    x = apply_top_p(apply_top_k(apply_temperature(x, s.temperature), s.top_k), s.top_p)
+    return choose(probabilities(x), do_sample=True, generator=generator)
+
+
 def distribution(
     logits_1d: torch.Tensor,
     previous_ids,
