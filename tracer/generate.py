@@ -194,7 +194,9 @@ class Decoder:
         stages = sampling.stage_scores(logits[None], prev, s)
         probs = stages["final"][0]
         if force_id is None:
-            token = sampling.choose(probs[None], do_sample=s.do_sample, generator=self.generator)[0]
+            # Greedy: argmax of the processed scores, as transformers does (not of the softmax).
+            pick = probs if s.do_sample else stages["top_p"][0]
+            token = sampling.choose(pick[None], do_sample=s.do_sample, generator=self.generator)[0]
         else:
             token = torch.tensor(force_id, device=probs.device)
         chosen_p = probs[token]
