@@ -271,7 +271,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, huge numbers, absurd nesting
         raise CheckpointError(f"{path}: safetensors header is not valid JSON: corrupt file") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object: corrupt file")

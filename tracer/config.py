@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,10 @@ def read_json(path: str | Path, error: type[Exception]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read: corrupt or hostile file") from None
+    except ValueError:  # json's only other error: an integer of more than 4300 digits
+        raise error(f"{path}: a number in the JSON is too long to read: corrupt or hostile file") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
@@ -251,7 +256,9 @@ def _float_field(raw: dict, key: str, source: str, default: float) -> float:
     value = raw.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    # abs() first: math.isfinite(10**400) overflows converting the int; comparing does not.
+    if wrong_type or abs(value) > sys.float_info.max or not math.isfinite(value):
         raise ConfigError(f"{source}: field {key!r} must be a finite number, got {value!r}")
     return float(value)
 

@@ -273,7 +273,12 @@ class Trace:
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None:  # put the old trace back where it was
+                    os.replace(old, path)
+                raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
@@ -292,8 +297,12 @@ class Trace:
         try:
             manifest = json.loads((path / "manifest.json").read_text())
             files = manifest["files"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise TraceError(f"{path}/manifest.json is corrupt") from None
+            if not isinstance(files, dict):
+                raise TypeError
+        except (ValueError, RecursionError, KeyError, TypeError):  # ValueError: bad JSON/UTF-8
+            raise TraceError(
+                f"{path}/manifest.json is corrupt: re-copy the folder or re-record the trace"
+            ) from None
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise TraceError(f"{path}: unsupported trace format {manifest.get('format')!r} v{manifest.get('version')}")
         for name in ("events.json", "tensors.safetensors"):
@@ -305,23 +314,34 @@ class Trace:
                     f"{f}: size or SHA-256 differs from manifest.json: the file was truncated or "
                     "edited after saving; re-copy or re-record the trace"
                 )
-        doc = json.loads((path / "events.json").read_text())
         try:
             tensors = load_file(str(path / "tensors.safetensors"))
         except (SafetensorError, OSError) as exc:
             raise TraceError(f"{path}/tensors.safetensors cannot be read: {exc}") from None
-        trace = cls(meta=doc.get("meta", {}))
-        for raw in doc.get("events", []):
-            trace.add(_event_from_json(raw, path))
-        for key, t in tensors.items():
-            seq, _, name = key.partition("/")
-            trace.events[int(seq)].tensors[name] = t
+        # The digests matched, so these fail only for a folder written by something else (or
+        # edited together with its manifest): still one clear error, never a bare KeyError.
+        events = path / "events.json"
+        try:
+            doc = json.loads(events.read_text(encoding="utf-8"))
+            trace = cls(meta=dict(doc.get("meta", {})))
+            for raw in doc.get("events", []):
+                trace.add(_event_from_json(raw, path))
+            for key, t in tensors.items():
+                seq, _, name = key.partition("/")
+                trace.events[int(seq)].tensors[name] = t
+        except TraceError:
+            raise
+        except (ValueError, RecursionError, AttributeError, TypeError, IndexError) as exc:
+            raise TraceError(
+                f"{events}: not a valid trace ({exc.__class__.__name__}: {exc}); it was written "
+                "by another tool or edited together with manifest.json; re-record the trace"
+            ) from None
         return trace
 
 
 def _event_from_json(raw: dict, path: Path) -> Event:
-    stage = raw.get("stage")
-    cls = EVENT_TYPES.get(stage)
+    stage = raw.get("stage") if isinstance(raw, dict) else None
+    cls = EVENT_TYPES.get(stage) if isinstance(stage, str) else None
     if cls is None:
         raise TraceError(f"{path}/events.json: unknown stage {stage!r}")
     names = {f.name for f in dataclasses.fields(cls)} - {"tensors"}
