@@ -155,3 +155,62 @@ def build_checkpoint(
     gen = {"bos_token_id": 1, "eos_token_id": 2, **(generation_config or {})}
     (folder / "generation_config.json").write_text(json.dumps(gen))
     return model
+
+
+# --- Helpers for the error and fuzz tests: damage a built checkpoint in one precise way ---------
+
+
+def edit_config(folder: Path, drop: tuple[str, ...] = (), **changes) -> None:
+    """Rewrite ``folder/config.json`` with ``changes`` applied and the keys in ``drop`` removed."""
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    raw.update(changes)
+    for key in drop:
+        raw.pop(key, None)
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def shard_of(folder: Path, tensor: str) -> Path:
+    """The weight file that holds ``tensor`` (single file or through the index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return folder / json.loads(index.read_text())["weight_map"][tensor]
+    return folder / "model.safetensors"
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    """Rewrite every weight file with ``edit(name, tensor) -> tensor | None`` (None drops it);
+    an edit may add tensors by returning a dict for the key ``"+"`` (see ``add_tensor``)."""
+    from safetensors.torch import load_file, save_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(folder.glob("*.safetensors"))
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    for path in files:
+        state = {}
+        for name, t in load_file(str(path)).items():
+            new = edit(name, t)
+            if new is not None:
+                state[name] = new.contiguous()
+            elif weight_map is not None:
+                weight_map.pop(name, None)
+        save_file(state, str(path), metadata={"format": "pt"})
+    if weight_map is not None:
+        raw = json.loads(index.read_text())
+        raw["weight_map"] = weight_map
+        index.write_text(json.dumps(raw, indent=2))
+
+
+def add_tensor(folder: Path, name: str, tensor: torch.Tensor) -> None:
+    """Add one tensor to the first weight file (and to the index, if any)."""
+    from safetensors.torch import load_file, save_file
+
+    index = folder / "model.safetensors.index.json"
+    path = sorted(folder.glob("*.safetensors"))[0]
+    state = load_file(str(path))
+    state[name] = tensor
+    save_file(state, str(path), metadata={"format": "pt"})
+    if index.is_file():
+        raw = json.loads(index.read_text())
+        raw["weight_map"][name] = path.name
+        index.write_text(json.dumps(raw, indent=2))
