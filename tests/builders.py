@@ -141,7 +141,7 @@ def build_checkpoint(
     model = transformers.LlamaForCausalLM(cfg).eval()
     # Random init gives near-uniform logits; scale up so distributions have shape and argmax is stable.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     model.to(dtype)

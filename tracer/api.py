@@ -165,7 +165,7 @@ class Llama:
         """Prompt text (or ids) -> (ids, text shown, template used) for the ``tokenize`` event."""
         if isinstance(prompt, str):
             if not prompt:
-                raise GenerationError("the prompt is empty")
+                raise GenerationError("the prompt is empty: give some text, or a list of token ids")
             if chat:
                 messages = ([{"role": "system", "content": system}] if system else []) + [
                     {"role": "user", "content": prompt}

@@ -197,8 +197,8 @@ def _resolve_hub(repo_id: str, revision: str | None, token) -> ResolvedCheckpoin
         raise CheckpointError(
             f"{repo_id!r} is neither an existing folder nor a hub repo id of the form 'org/name'"
         )
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     def fetch(patterns: list[str]) -> Path:
         try:
