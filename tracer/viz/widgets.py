@@ -1,0 +1,360 @@
+"""The stepping app of notebook 04: one token per click, every sampling stage shown, branches.
+
+:class:`StepperApp` drives a :class:`tracer.generate.Decoder`; all state lives on the app (the
+decoders, the last error), so tests drive it in-process with ``button.click()`` and ``.value = ...``.
+ipywidgets swallows exceptions raised in callbacks, so every action stores its exception in
+``app.last_error``, shows it in the app's error label, and re-raises it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import html
+from dataclasses import replace
+
+import ipywidgets as W
+
+from ..trace import SampleEvent
+from .plots import compare_steps, label, new_figure, sampling_stages, to_png
+
+BRANCH_NAMES = ("A", "B")
+
+
+def show_png(out: W.Output, fig) -> None:
+    """Replace an Output's content with the figure as a PNG (works in a kernel and in plain Python)."""
+    data = base64.b64encode(to_png(fig)).decode("ascii")
+    out.outputs = ({"output_type": "display_data", "metadata": {},
+                    "data": {"image/png": data, "text/plain": f"<Figure {fig.get_size_inches()}>"}},)
+
+
+def token_texts(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> list[str]:
+    """What each new token adds to the decoded text (leading spaces included).
+
+    A token that adds nothing printable on its own (a special token, or one byte of a multi-byte
+    character) is shown as its vocabulary piece (``</s>``, ``<0xF0>``)."""
+    out = []
+    ids = list(prompt_ids)
+    prev = tokenizer.decode(ids)
+    for i in new_ids:
+        ids.append(i)
+        cur = tokenizer.decode(ids)
+        added = cur[len(prev):] if cur.startswith(prev) else ""
+        if added and "\ufffd" not in added:
+            out.append(added)
+            prev = cur
+        else:
+            out.append(tokenizer.id_to_piece(i))
+    return out
+
+
+def prob_colour(p: float) -> str:
+    """Background for a token: red (improbable) through yellow to green (probable)."""
+    p = min(max(p, 0.0), 1.0) if p == p else 0.0
+    return f"hsl({int(120 * p ** 0.5)}, 85%, 82%)"
+
+
+def tokens_html(tokenizer, prompt_ids, history, new_ids, *, cls: str = "tracer-token") -> str:
+    """The prompt, then each generated token in a span coloured by its probability."""
+    parts = [f"<span class='tracer-prompt' style='color:#555'>{html.escape(tokenizer.decode(prompt_ids))}</span>"]
+    for text, rec in zip(token_texts(tokenizer, prompt_ids, new_ids), history, strict=True):
+        core = text.lstrip()
+        lead = text[: len(text) - len(core)]
+        if not core:  # whitespace only: a visible mark in the span, the whitespace itself after it
+            core, lead, after = text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥"), "", text
+        else:
+            after = ""
+        tip = (f"step {rec.step}: id {rec.token_id} {tokenizer.id_to_piece(rec.token_id)!r}, "
+               f"p={rec.prob:.3f}, rank {rec.rank}" + (", chosen by you" if rec.forced else ""))
+        border = "border-bottom:2px solid #d62728;" if rec.forced else ""
+        parts.append(f"{html.escape(lead)}<span class='{cls}' title='{html.escape(tip, quote=True)}' "
+                     f"style='background:{prob_colour(rec.prob)};border-radius:3px;{border}'>"
+                     f"{html.escape(core)}</span>{html.escape(after)}")
+    body = "".join(parts)
+    return f"<div style='font-family:monospace;white-space:pre-wrap;line-height:1.7'>{body}</div>"
+
+
+def sample_events(decoder) -> dict[int, SampleEvent]:
+    """step -> its ``sample`` event."""
+    return {e.step: e for e in decoder.trace.events if isinstance(e, SampleEvent)}
+
+
+def _guarded(method):
+    """Run an action; on failure show the error in the app, keep it on ``last_error``, re-raise."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self._busy:  # a second click while working: ignore
+            return None
+        self._busy = True
+        self._enable(False)
+        try:
+            result = method(self, *args, **kwargs)
+            self.error.value = ""
+            return result
+        except Exception as exc:
+            self.last_error = exc
+            self.error.value = (f"<span style='color:#b00'><b>{html.escape(type(exc).__name__)}</b>: "
+                                f"{html.escape(str(exc))}</span>")
+            raise
+        finally:
+            self._busy = False
+            self._enable(True)
+
+    return run
+
+
+class StepperApp:
+    """Generate one token at a time and watch the sampling stages; change knobs; branch.
+
+    ``app`` as a cell's last value displays the app (``app.widget`` is the ipywidgets box).
+    """
+
+    def __init__(self, llm, prompt, *, max_new_tokens: int = 60, do_sample: bool = True,
+                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+                 repetition_penalty: float = 1.1, seed: int = 0, top: int = 10, run_n: int = 10,
+                 chat: bool = False) -> None:
+        self.llm, self.prompt, self.max_new_tokens, self.top, self.run_n, self.chat = (
+            llm, prompt, max_new_tokens, top, run_n, chat)
+        self.last_error: Exception | None = None
+        self.branches: dict = {}
+        self.branch_step: int | None = None  # where B left A
+        self._busy = False
+        slider = {"continuous_update": False, "style": {"description_width": "140px"},
+                  "layout": W.Layout(width="380px")}
+
+        self.next_button = W.Button(description="Next token", icon="step-forward").add_class("tracer-next")
+        self.run_button = W.Button(description=f"Run {run_n}", icon="forward").add_class("tracer-run10")
+        self.reset_button = W.Button(description="Reset", icon="undo").add_class("tracer-reset")
+        self.mode = W.ToggleButtons(options=["sample", "greedy"], value="sample" if do_sample else "greedy",
+                                    description="decoding").add_class("tracer-mode")
+        self.temperature = W.FloatSlider(value=temperature, min=0.05, max=2.0, step=0.05,
+                                         description="temperature", **slider).add_class("tracer-temperature")
+        self.top_k = W.IntSlider(value=top_k, min=0, max=200, description="top-k (0 = off)",
+                                 **slider).add_class("tracer-top-k")
+        self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1.0, step=0.01, description="top-p (1 = off)",
+                                   **slider).add_class("tracer-top-p")
+        self.repetition_penalty = W.FloatSlider(value=repetition_penalty, min=1.0, max=2.0, step=0.05,
+                                                description="repetition penalty", **slider
+                                                ).add_class("tracer-repetition-penalty")
+        self.seed = W.IntText(value=seed, description="seed (restarts)", style=slider["style"],
+                              layout=W.Layout(width="260px")).add_class("tracer-seed")
+        self.progress = W.IntProgress(value=0, min=0, max=run_n, description="",
+                                      layout=W.Layout(width="160px", visibility="hidden"))
+        self.step_label = W.Label("step 0").add_class("tracer-step-count")
+        self.status = W.Label("")
+        self.error = W.HTML("").add_class("tracer-error")
+        self.text = W.HTML("").add_class("tracer-text")
+        self.plot = W.Output().add_class("tracer-dist-plot")
+
+        self.at_step = W.Dropdown(description="at step", options=[], layout=W.Layout(width="160px"))
+        self.candidates = W.Dropdown(description="take instead", options=[],
+                                     layout=W.Layout(width="320px")).add_class("tracer-candidates")
+        self.branch_button = W.Button(description="Branch", icon="code-fork").add_class("tracer-branch")
+        self.active = W.ToggleButtons(options=["A"], description="continue", style={"button_width": "50px"})
+        self.compare_text = W.HTML("").add_class("tracer-compare-text")
+        self.compare_step = W.Dropdown(description="differs at", options=[], layout=W.Layout(width="420px"))
+        self.compare_plot = W.Output().add_class("tracer-compare-plot")
+
+        self.next_button.on_click(lambda _: self.next_token())
+        self.run_button.on_click(lambda _: self.run())
+        self.reset_button.on_click(lambda _: self.reset())
+        self.branch_button.on_click(lambda _: self.branch())
+        for w in (self.mode, self.temperature, self.top_k, self.top_p, self.repetition_penalty):
+            w.observe(self._on_knob, names="value")
+        self.seed.observe(lambda _: self.reset(), names="value")
+        self.at_step.observe(lambda _: self._fill_candidates(), names="value")
+        self.active.observe(self._on_active, names="value")
+        self.compare_step.observe(lambda _: self._draw_compare(), names="value")
+
+        legend = W.HTML("<small>Token colour: probability of the chosen token under the final "
+                        "distribution, red (unlikely) to green (likely); hover for id, p and rank; "
+                        "underlined = chosen by you.</small>")
+        controls = W.HBox([self.next_button, self.run_button, self.reset_button, self.progress,
+                           self.step_label, self.status])
+        knobs = W.HBox([W.VBox([self.mode, self.seed]),
+                        W.VBox([self.temperature, self.top_k, self.top_p, self.repetition_penalty])])
+        branch_row = W.HBox([self.at_step, self.candidates, self.branch_button, self.active])
+        self.compare_box = W.VBox([W.HTML("<b>Branches side by side</b>"), self.compare_text,
+                                   self.compare_step, self.compare_plot],
+                                  layout=W.Layout(display="none"))
+        self.widget = W.VBox([controls, self.error, knobs, self.text, legend, self.plot,
+                              W.HTML("<b>Pick a different token and continue from there</b>"), branch_row,
+                              self.compare_box]).add_class("tracer-stepper")
+        self._knob_sync()
+        self.reset()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def decoder(self):
+        """The decoder that Next token / Run advance (the active branch)."""
+        return self.branches[self.active.value]
+
+    @property
+    def step_count(self) -> int:
+        return len(self.decoder.new_ids)
+
+    def knobs(self) -> dict:
+        return {"do_sample": self.mode.value == "sample", "temperature": self.temperature.value,
+                "top_k": self.top_k.value, "top_p": self.top_p.value,
+                "repetition_penalty": self.repetition_penalty.value}
+
+    # --- actions ------------------------------------------------------------------------------
+    @_guarded
+    def reset(self) -> None:
+        """Start again from the prompt with the current knobs and seed (drops branches)."""
+        dec = self.llm.decoder(self.prompt, max_new_tokens=self.max_new_tokens, seed=self.seed.value,
+                               top_n=max(self.top, 20), chat=self.chat, **self.knobs())
+        self.branches = {"A": dec}
+        self.branch_step = None
+        self.active.options = ["A"]
+        self.active.value = "A"
+        self._render()
+
+    @_guarded
+    def next_token(self) -> None:
+        self._step()
+        self._render()
+
+    @_guarded
+    def run(self, n: int | None = None) -> None:
+        """Up to ``n`` (default ``run_n``) tokens, with a progress bar."""
+        n = self.run_n if n is None else n
+        self.progress.max, self.progress.value = n, 0
+        self.progress.layout.visibility = "visible"
+        try:
+            for i in range(n):
+                if self.decoder.finished:
+                    break
+                self._step()
+                self.progress.value = i + 1
+        finally:
+            self.progress.layout.visibility = "hidden"
+        self._render()
+
+    @_guarded
+    def branch(self, step: int | None = None, token_id: int | None = None) -> None:
+        """Take ``token_id`` at ``step`` instead (defaults: the dropdowns) in a new branch, made active."""
+        step = self.at_step.value if step is None else step
+        token_id = self.candidates.value if token_id is None else token_id
+        if step is None or token_id is None:
+            raise ValueError("take a step first: there is nothing to branch from yet")
+        source = self.active.value
+        other = BRANCH_NAMES[1 - BRANCH_NAMES.index(source)]
+        self.branches[other] = self.decoder.branch(step, token_id)
+        self.branch_step = step
+        self.active.options = list(BRANCH_NAMES)
+        self.active.value = other  # triggers _on_active -> _render
+        self._render()
+
+    def _step(self) -> None:
+        if self.decoder.finished:
+            raise RuntimeError(f"branch {self.active.value} has finished ({self.decoder.finish_reason}); "
+                               "press Reset or branch at an earlier step")
+        self.decoder.step()
+
+    # --- callbacks ----------------------------------------------------------------------------
+    def _on_knob(self, change) -> None:
+        self._knob_sync()
+        self._apply_knobs()
+
+    @_guarded
+    def _apply_knobs(self) -> None:
+        knobs = self.knobs()
+        for dec in self.branches.values():
+            dec.settings = replace(dec.settings, **knobs)
+
+    def _knob_sync(self) -> None:
+        greedy = self.mode.value == "greedy"
+        for w in (self.temperature, self.top_k, self.top_p):
+            w.disabled = greedy  # greedy skips the warpers (argmax after the repetition penalty)
+
+    def _on_active(self, change) -> None:
+        if not self._busy:
+            self._guarded_render()
+
+    @_guarded
+    def _guarded_render(self) -> None:
+        self._render()
+
+    def _enable(self, on: bool) -> None:
+        finished = bool(self.branches) and self.decoder.finished
+        self.next_button.disabled = self.run_button.disabled = (not on) or finished
+        self.reset_button.disabled = self.branch_button.disabled = not on
+
+    # --- drawing ------------------------------------------------------------------------------
+    def _piece(self, i: int) -> str:
+        return self.llm.tokenizer.id_to_piece(i)
+
+    def _render(self) -> None:
+        dec, tok = self.decoder, self.llm.tokenizer
+        n = len(dec.new_ids)
+        self.step_label.value = f"step {n}"
+        names = list(self.branches)
+        self.status.value = (f"branch {self.active.value} of {'/'.join(names)}" if len(names) > 1 else "") + (
+            f"  finished: {dec.finish_reason}" if dec.finished else "")
+        self.text.value = tokens_html(tok, dec.prompt_ids, dec.history, dec.new_ids)
+        events = sample_events(dec)
+        if n:
+            fig = sampling_stages(events[n - 1], self._piece, top=self.top)
+        else:
+            fig = new_figure(8, 1.2)
+            fig.text(0.5, 0.5, f"{len(dec.prompt_ids)} prompt tokens ready. Press 'Next token': the prefill "
+                     "runs, then the sampling stages appear here.", ha="center", va="center")
+        show_png(self.plot, fig)
+        self.at_step.options = [(f"{s} ({label(self._piece(dec.new_ids[s]), 16)!r})", s) for s in range(n)]
+        self.at_step.value = n - 1 if n else None
+        self._fill_candidates()
+        self._render_compare()
+
+    def _fill_candidates(self) -> None:
+        step = self.at_step.value
+        ev = sample_events(self.decoder).get(step) if step is not None else None
+        if ev is None:
+            self.candidates.options = []
+            return
+        final = ev.stages["final"]
+        opts = [(f"{label(self._piece(i), 16)!r}  p={p:.3f}" + ("  (taken)" if i == ev.chosen_id else ""), i)
+                for i, p in zip(final["ids"][: self.top], final["probs"][: self.top], strict=True)]
+        self.candidates.options = opts
+        others = [i for _, i in opts if i != ev.chosen_id]
+        self.candidates.value = others[0] if others else opts[0][1]
+
+    def _render_compare(self) -> None:
+        if len(self.branches) < 2:
+            self.compare_box.layout.display = "none"
+            return
+        self.compare_box.layout.display = "flex"
+        tok = self.llm.tokenizer
+        cols = "".join(
+            f"<td style='vertical-align:top;width:50%;padding:4px'><b>{name}</b>"
+            f"{' (active)' if name == self.active.value else ''}: {len(d.new_ids)} tokens"
+            f"{tokens_html(tok, d.prompt_ids, d.history, d.new_ids, cls='tracer-cmp-token')}</td>"
+            for name, d in self.branches.items())
+        self.compare_text.value = f"<table style='width:100%'><tr>{cols}</tr></table>"
+        a, b = (self.branches[n] for n in BRANCH_NAMES)
+        steps = self.differing_steps()
+        old = self.compare_step.value
+        self.compare_step.options = [
+            (f"step {s}: A {label(self._piece(a.new_ids[s]), 12)!r} | B {label(self._piece(b.new_ids[s]), 12)!r}", s)
+            for s in steps]
+        self.compare_step.value = old if old in steps else (steps[0] if steps else None)
+        self._draw_compare()
+
+    def differing_steps(self) -> list[int]:
+        """Steps both branches have taken from the branch point on (their contexts differ there)."""
+        if len(self.branches) < 2 or self.branch_step is None:
+            return []
+        a, b = (self.branches[n] for n in BRANCH_NAMES)
+        return list(range(self.branch_step, min(len(a.new_ids), len(b.new_ids))))
+
+    def _draw_compare(self) -> None:
+        step = self.compare_step.value
+        if step is None or len(self.branches) < 2:
+            self.compare_plot.outputs = ()
+            return
+        ev_a, ev_b = (sample_events(self.branches[n])[step] for n in BRANCH_NAMES)
+        show_png(self.compare_plot, compare_steps(ev_a, ev_b, self._piece, top=self.top))
