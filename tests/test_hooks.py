@@ -71,3 +71,11 @@ def test_unknown_pattern_names_the_scheme(tiny_llm):
 
     with pytest.raises(KeyError, match="blocks.0.attn.pattern"):
         tiny_llm.model.hooks.select("blocks.*.attention")
+
+
+def test_every_point_can_be_listed_with_its_shape(tiny_llm):
+    table = tiny_llm.hook_points(tokens=5, cached=3)
+    assert list(table) == list(tiny_llm.model.hooks)
+    cfg = tiny_llm.config
+    assert table["blocks.0.attn.pattern"] == (1, cfg.num_attention_heads, 5, 8)
+    assert table["blocks.1.attn.k"] == (1, 5, cfg.num_key_value_heads, cfg.head_dim)

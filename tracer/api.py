@@ -20,6 +20,7 @@ from .checkpoint import ResolvedCheckpoint, load_weights, resolve
 from .config import GenerationDefaults, LlamaConfig, dtype_bytes
 from .errors import DeviceError, GenerationError, TokenizerError
 from .generate import CaptureOptions, Decoder
+from .hooks import point_shapes
 from .model import LlamaModel
 from .tokenizer import Tokenizer, load_tokenizer
 from .trace import (
@@ -146,6 +147,12 @@ class Llama:
             )
         x = torch.tensor([ids], device=self.device)
         return self.model(x)[0].float()
+
+    def hook_points(self, tokens: int = 1, cached: int = 0) -> dict[str, tuple[int, ...]]:
+        """Every hook point, in forward order, with its shape for a forward of ``tokens`` new
+        tokens after ``cached`` cached ones (see tracer.hooks for what each point is)."""
+        shapes = point_shapes(self.config, tokens, cached + tokens)
+        return {name: shapes[name] for name in self.model.hooks}
 
     # --- generation ---------------------------------------------------------------------------
     def settings(self, **overrides) -> tuple[sampling.SamplingSettings, int | None]:

@@ -1,0 +1,47 @@
+"""The wheel carries the embedded model: `tracer.load()` works from an installed wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return next(out.glob("llama_tracer-*.whl"))
+
+
+def test_wheel_contains_the_embedded_checkpoint(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    embedded = {n.split("/", 2)[-1] for n in names if n.startswith("tracer/embedded/")}
+    for required in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                     "model.safetensors.index.json", "MODEL_CARD.md"):
+        assert required in embedded, required
+    assert len([n for n in embedded if n.endswith(".safetensors")]) >= 2
+    assert "tracer/viz/widgets.py" in names and "tracer/cli.py" in names
+
+
+def test_load_from_the_unpacked_wheel_not_the_source_tree(wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    script = (
+        "import tracer, pathlib\n"
+        f"assert pathlib.Path(tracer.__file__).is_relative_to({str(site)!r}), tracer.__file__\n"
+        "llm = tracer.load(device='cpu', progress=False)\n"
+        "print(llm.generate('It is a truth universally', max_new_tokens=3, do_sample=False).text)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
