@@ -79,9 +79,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, T, heads, hd] by position; cos/sin are [T, hd]."""
-    cos = cos[None, :, None, :]  # [1, T, 1, hd]
-    sin = sin[None, :, None, :]
+    """Rotate ``x`` [B, T, heads, hd] by position; cos/sin are [T, hd] or already [1, T, 1, hd]."""
+    if cos.dim() == 2:
+        cos = cos[None, :, None, :]  # [1, T, 1, hd]
+        sin = sin[None, :, None, :]
     return x * cos + rotate_half(x) * sin
 
 
@@ -219,34 +220,42 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, cache: KVCache | None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.wqkv(x)  # [B, T, H*hd + 2*Hkv*hd]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, hd]
-        k = k.view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, hd]
-        v = v.view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, hd]
-        q = self.hook_q(apply_rope(q, cos, sin))
-        k = self.hook_k(apply_rope(k, cos, sin))
-        v = self.hook_v(v)
+        H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)  # [B, T, H+2*Hkv, hd]
+        qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # [B, T, H+Hkv, hd], [B, T, Hkv, hd]
+        # q and k heads are rotated together: one set of RoPE ops serves both.
+        q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)  # [B, T, H, hd], [B, T, Hkv, hd]
+        q = self.hook_q(q)  # [B, T, H, hd]
+        k = self.hook_k(k)  # [B, T, Hkv, hd]
+        v = self.hook_v(v)  # [B, T, Hkv, hd]
 
         q = q.transpose(1, 2)  # [B, H, T, hd]
         k = k.transpose(1, 2)  # [B, Hkv, T, hd]
         v = v.transpose(1, 2)  # [B, Hkv, T, hd]
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # [B, Hkv, S, hd], S = start + T
-        k = repeat_kv(k, self.n_heads // self.n_kv)  # [B, H, S, hd]
-        v = repeat_kv(v, self.n_heads // self.n_kv)  # [B, H, S, hd]
+        n_rep = H // Hkv
 
         if self.hook_pattern.fns:
             # Explicit path, only for layers whose pattern someone asked for.
             mask = causal_mask(T, start, x.device)
+            k = repeat_kv(k, n_rep)  # [B, H, S, hd]
+            v = repeat_kv(v, n_rep)  # [B, H, S, hd]
             probs = self.hook_pattern(attention_probs(q, k, mask, self.scale))  # [B, H, T, S]
             z = torch.matmul(probs, v)  # [B, H, T, hd]
-        elif T > 1 and start > 0:
-            mask = causal_mask(T, start, x.device)
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        elif T == 1:
+            # One decode token sees every key, so no mask: the n_rep query heads sharing a KV head
+            # become n_rep query rows of one attention call (same math as repeat_kv, without copying
+            # the cache; several times faster on the CPU, where SDPA is slow for one query row).
+            q = q.reshape(B, Hkv, n_rep, hd)  # [B, Hkv, n_rep, hd]: head h = kv * n_rep + r
+            z = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, Hkv, n_rep, hd]
+            z = z.reshape(B, H, 1, hd)  # [B, H, 1, hd]
         else:
-            # Prefill from position 0 is plainly causal; one decode token sees every key.
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+            # Prefill from position 0 is plainly causal; a chunk after a past needs the mask.
+            mask = causal_mask(T, start, x.device) if start > 0 else None
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=n_rep > 1
+            )  # [B, H, T, hd]
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, hd]
         return self.hook_out(self.wo(z.reshape(B, T, self.q_size)))  # [B, T, D]
 
@@ -363,6 +372,7 @@ class LlamaModel(nn.Module):
             if start + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {start + T}")
             cos, sin = cache.cos[start : start + T], cache.sin[start : start + T]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # [1, T, 1, hd], for every layer
 
         h = self.hook_embed(self.embed(input_ids))  # [B, T, D]
         for block in self.blocks:

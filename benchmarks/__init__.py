@@ -1,0 +1,1 @@
+"""Benchmarks for llama-tracer (``python -m benchmarks.speed``); may import transformers."""

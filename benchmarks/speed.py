@@ -1,0 +1,604 @@
+"""Speed of our runtime against transformers, same process, same machine, same checkpoint.
+
+    python -m benchmarks.speed --device cpu --model llama-1b --dtype float16 \\
+        --out benchmarks/results/cpu-llama-1b-float16.json
+
+No download: the checkpoints have real shapes and random weights, written once by
+``tracer.checkpoint.save_pretrained`` (float16, hub-style shards) into
+``$TMPDIR/llama-tracer-bench/<shape>-float16/`` and reused. Prompts are random token ids with a
+fixed seed, so no real tokenizer is needed (a word-level stand-in ``tokenizer.json`` lets
+``tracer.load`` run unchanged).
+
+What is measured (see benchmarks/README.md for the table of a run):
+  load     seconds to a ready model and peak host RSS above the post-import baseline, each loader
+           in a fresh subprocess (kernel high-water mark VmHWM, reset after imports), hot page cache;
+  prefill  one forward over a 512-token prompt into a fresh cache, logits of the last position only
+           (what generate does; transformers: ``logits_to_keep=1``);
+  decode   batch-1 greedy generation of N new tokens from a 16-token prompt, wall time of the whole
+           call (so it includes that short prefill), for transformers ``generate`` and ours with
+           capture off / light / full, and a bare loop (``model(x, cache, last_only=True)`` +
+           argmax, no Decoder, no hooks). Variants are interleaved within each repeat so that drifts
+           in memory speed hit them alike;
+  bandwidth the memory-read ceiling measured in the same run (``x.sum()`` over a large float32
+           tensor, and a copy), and our decode's weight bytes per token x tokens/s against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import tracer
+from tracer.checkpoint import save_pretrained
+from tracer.config import LlamaConfig, RopeConfig
+from tracer.model import LlamaModel, init_weights
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Real shapes, random weights. "embedded" is the shipped model when it exists (see model_folder).
+SHAPES = {
+    "llama-1b": LlamaConfig(  # Llama-3.2-1B
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+        rope=RopeConfig("llama3", 500000.0, 32.0, 1.0, 4.0, 8192), torch_dtype="float16",
+    ),
+    "llama2-7b": LlamaConfig(  # Llama-2-7b-hf
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float16",
+    ),
+}
+
+# Datasheet memory bandwidth, TB/s, by a substring of torch.cuda.get_device_name().
+GPU_PEAK_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100 80GB": 2.04, "A100": 1.555}
+
+FULL_POINTS = ("blocks.0.attn.pattern", "blocks.{last}.resid_post", "logits")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def standin_config() -> LlamaConfig:
+    """The shape the embedded model is trained with (tracer.train_tiny), for when it is absent."""
+    from tracer.train_tiny.train import TrainSettings
+
+    return TrainSettings().model_config()
+
+
+def model_folder(name: str, log) -> tuple[Path, str]:
+    """(checkpoint folder, note) for ``name``; writes a random-weight checkpoint if needed."""
+    if name == "embedded":
+        shipped = tracer.embedded_path()
+        if (shipped / "config.json").is_file():
+            return shipped, "the shipped embedded model"
+        cfg, note = standin_config(), (
+            f"{shipped} does not exist yet: random weights in the embedded model's training "
+            "shape (tracer.train_tiny.TrainSettings) stand in for it"
+        )
+        name = "embedded-standin"
+    else:
+        cfg, note = SHAPES[name], f"random weights in {name} shapes"
+    folder = Path(tempfile.gettempdir()) / "llama-tracer-bench" / f"{name}-float16"
+    if not (folder / ".complete").is_file():
+        log(f"writing a random-weight {name} checkpoint to {folder} (once) ...")
+        model = LlamaModel(cfg, dtype=torch.float16)
+        init_weights(model, torch.Generator().manual_seed(0))
+        # ~2 shards for llama-1b (2.5 GB), like the hub's sharded checkpoints.
+        size = sum(p.numel() * 2 for p in model.parameters())
+        save_pretrained(model, folder, dtype=torch.float16, max_shard_bytes=max(size // 2 + 1, 1 << 20))
+        del model
+        write_standin_tokenizer(folder, cfg)
+        (folder / ".complete").write_text("ok\n")
+    return folder, note
+
+
+def write_standin_tokenizer(folder: Path, cfg: LlamaConfig) -> None:
+    """A word-level tokenizer.json naming every id ("<0>", "<1>", ...): the benchmark feeds ids,
+    but tracer.load wants a tokenizer, and generate decodes the ids it made."""
+    from tokenizers import Tokenizer, models
+
+    tk = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(cfg.vocab_size)}, unk_token="<0>"))
+    tk.save(str(folder / "tokenizer.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Small tools
+
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Load, in a fresh subprocess per measurement
+
+
+def load_once(which: str, folder, device: str, dtype: str) -> dict:
+    """Load with ``which`` loader and report seconds and RSS growth.
+
+    Peak RSS comes from the kernel's high-water mark (VmHWM), reset just before loading by
+    writing 5 to /proc/self/clear_refs; where that is refused, a thread samples VmRSS every 2 ms.
+    """
+    dev = torch.device(device)
+    reset = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    except OSError:
+        reset = False
+    base = rss_bytes()
+    sampler = RssSampler() if not reset else None
+    t0 = time.perf_counter()
+    if which == "ours":
+        model = tracer.load(str(folder), device=device, dtype=dtype, progress=False).model
+    else:
+        model = hf_load(folder, dtype, device)
+    sync(dev)
+    seconds = time.perf_counter() - t0
+    peak = rss_bytes("VmHWM") if reset else sampler.stop()
+    out = {
+        "seconds": seconds,
+        "peak_rss_above_baseline_bytes": peak - base,
+        "rss_after_load_above_baseline_bytes": rss_bytes() - base,
+        "peak_from": "VmHWM" if reset else "VmRSS sampled every 2 ms",
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+    if dev.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return out
+
+
+class RssSampler:
+    """Background thread keeping the largest VmRSS seen (the fallback when VmHWM can't be reset)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_bytes())
+
+
+def load_worker(which: str, folder: str, device: str, dtype: str) -> None:
+    """Child process: import everything first (the baseline), then load once, print JSON."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.init()
+    print("LOAD_RESULT " + json.dumps(load_once(which, folder, device, dtype)))
+
+
+def hf_load(folder, dtype: str, device: str):
+    """transformers' loader; straight onto the device with ``device_map`` when accelerate is
+    installed, else load on the CPU and move."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    if device != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], device_map=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(device)
+    return model.eval()
+
+
+def measure_load(which: str, folder: Path, device: str, dtype: str) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--load-worker", which, "--folder", str(folder),
+           "--device", device, "--dtype", dtype, "--threads", str(torch.get_num_threads())]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    for line in proc.stdout.splitlines():
+        if line.startswith("LOAD_RESULT "):
+            return json.loads(line[len("LOAD_RESULT "):])
+    raise RuntimeError(f"load worker {which} failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory bandwidth
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> dict:
+    """GB/s of reading a float32 tensor (``x.sum()``) and of copying it (read + write)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    sums, copies = [], []
+    for _ in range(repeats):
+        sums.append(timed(lambda: x.sum(), device)[0])
+        copies.append(timed(lambda: y.copy_(x), device)[0])
+    out = {
+        "tensor_bytes": nbytes,
+        "sum_GBps_all": [nbytes / t / 1e9 for t in sums],
+        "copy_GBps_all": [2 * nbytes / t / 1e9 for t in copies],  # bytes read + bytes written
+    }
+    out["sum_GBps"] = max(out["sum_GBps_all"])
+    out["copy_GBps"] = max(out["copy_GBps_all"])
+    out["ceiling_GBps"] = max(out["sum_GBps"], out["copy_GBps"])
+    return out
+
+
+def weight_bytes_per_token(model: LlamaModel) -> int:
+    """Bytes of weights one decode step reads: every block, the final norm and the output matrix
+    (the embedding table only as lm_head when tied; an untied one gives up one row)."""
+    blocks = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+    w = model.output_weight()
+    return blocks + model.final_norm.weight.numel() * w.element_size() + w.numel() * w.element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill and decode
+
+
+@torch.inference_mode()
+def ours_prefill(model: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
+    cache = model.new_cache(ids.shape[1] + 1)
+    return model(ids, cache, last_only=True)
+
+
+@torch.inference_mode()
+def theirs_prefill(hf, ids: torch.Tensor):
+    return hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+
+@torch.inference_mode()
+def bare_decode(model: LlamaModel, prompt: list[int], n: int) -> list[int]:
+    """The runtime with the tracing code removed: forward + argmax, nothing else."""
+    cache = model.new_cache(len(prompt) + n)
+    x = torch.tensor([prompt], device=model.device)
+    out = []
+    for _ in range(n):
+        logits = model(x, cache, last_only=True)[0, -1]  # [V]
+        token = int(torch.argmax(logits))
+        out.append(token)
+        x = torch.tensor([[token]], device=model.device)
+    return out
+
+
+def ours_generate(llm, prompt: list[int], n: int, capture: str, points=()) -> list[int]:
+    gen = llm.generate(prompt, max_new_tokens=n, do_sample=False, capture=capture, points=points,
+                       budget_bytes=1 << 40)
+    assert len(gen.new_ids) == n, (len(gen.new_ids), gen.finish_reason)
+    return gen.new_ids
+
+
+@torch.inference_mode()
+def theirs_generate(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt], device=hf.device)
+    out = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+        min_new_tokens=n, pad_token_id=0, temperature=None, top_p=None, top_k=None,
+    )
+    new = out[0, len(prompt):].tolist()
+    assert len(new) == n
+    return new
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available here")
+    if args.model == "llama2-7b" and device.type != "cuda":
+        raise SystemExit("llama2-7b is a GPU benchmark (13.5 GB in fp16); use --device cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype_name = args.dtype or ("float32" if args.model == "embedded" else "float16")
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 3 if args.model == "embedded" else 2)
+    new_tokens = args.new_tokens or (8 if quick else 128)
+    prefill_len = 32 if quick else 512
+    prompt_len = 16
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+    folder, note = model_folder(args.model, log)
+    shard_files = sorted(p.name for p in folder.glob("*.safetensors"))
+    result: dict = {
+        "benchmark": "llama-tracer speed (benchmarks/speed.py)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "quick": quick,
+        "machine": {
+            "device": str(device),
+            "cpu_model": cpu_model(),
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "load_average_at_start": list(os.getloadavg()),
+        },
+        "dtype": dtype_name,
+        "settings": {
+            "prompt_tokens": prompt_len, "new_tokens": new_tokens, "prefill_tokens": prefill_len,
+            "repeats": repeats, "greedy": True, "batch": 1,
+        },
+    }
+
+    # Load: each loader in its own subprocess, hot page cache (read the files once first).
+    for f in shard_files:
+        with open(folder / f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    # --quick loads in this process (a subprocess costs seconds of imports): a rough figure only.
+    load: dict = {"method": (
+        ("in this process (--quick)" if quick else "a fresh subprocess per load, after imports")
+        + "; peak = VmHWM (reset just before loading via /proc/self/clear_refs) minus VmRSS before "
+        "loading; hot page cache (files read once first)"
+    )}
+    for which in ("ours", "transformers"):
+        load[which] = {"runs": []}
+    for _ in range(1 if quick else 2):
+        for which in ("ours", "transformers"):
+            log(f"load {which} ...")
+            measure = load_once if quick else measure_load
+            load[which]["runs"].append(measure(which, folder, args.device, dtype_name))
+    for which in ("ours", "transformers"):
+        runs = load[which]["runs"]
+        load[which]["seconds"] = median([r["seconds"] for r in runs])
+        load[which]["peak_rss_above_baseline_MB"] = median(
+            [r["peak_rss_above_baseline_bytes"] / 1e6 for r in runs])
+        load[which]["model_MB"] = runs[0]["param_bytes"] / 1e6
+    result["load"] = load
+
+    # Both models in this process.
+    llm = tracer.load(folder, device=args.device, dtype=dtype_name, progress=False)
+    # Random weights can produce an EOS id: generate exactly new_tokens, as min_new_tokens does.
+    from dataclasses import replace
+    llm.defaults = replace(llm.defaults, eos_token_ids=())
+    model = llm.model
+    hf = hf_load(folder, dtype_name, args.device)
+    cfg = model.config
+    result["model"] = {
+        "name": args.model,
+        "note": note,
+        "checkpoint": str(folder),
+        "checkpoint_files": shard_files,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads, "intermediate": cfg.intermediate_size,
+        "vocab": cfg.vocab_size, "tied": cfg.tie_word_embeddings,
+        "weight_bytes_per_token": weight_bytes_per_token(model),
+    }
+    result["transformers_attn_implementation"] = hf.config._attn_implementation
+
+    gen = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), generator=gen).to(device)
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
+
+    # Prefill (one warm-up each, then repeats, interleaved).
+    log("prefill ...")
+    ours_prefill(model, prefill_ids[:, :8])
+    theirs_prefill(hf, prefill_ids[:, :8])
+    pre = {"ours": [], "transformers": []}
+    for _ in range(repeats):
+        pre["ours"].append(timed(lambda: ours_prefill(model, prefill_ids), device)[0])
+        pre["transformers"].append(timed(lambda: theirs_prefill(hf, prefill_ids), device)[0])
+    result["prefill"] = {
+        k: {"seconds_all": v, "tokens_per_s": prefill_len / median(v),
+            "tokens_per_s_all": [prefill_len / t for t in v]}
+        for k, v in pre.items()
+    }
+
+    # Decode.
+    last = cfg.num_hidden_layers - 1
+    points = tuple(p.format(last=last) for p in FULL_POINTS)
+    variants = {
+        "transformers": lambda: theirs_generate(hf, prompt, new_tokens),
+        "ours_off": lambda: ours_generate(llm, prompt, new_tokens, "off"),
+        "ours_light": lambda: ours_generate(llm, prompt, new_tokens, "light"),
+        "ours_full": lambda: ours_generate(llm, prompt, new_tokens, "full", points),
+        "bare": lambda: bare_decode(model, prompt, new_tokens),
+    }
+    log("decode warm-up ...")
+    theirs_generate(hf, prompt, 4)
+    ours_generate(llm, prompt, 4, "full", points)
+    bare_decode(model, prompt, 4)
+    tokens = {}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for r in range(repeats):
+        for name, fn in variants.items():
+            t, toks = timed(fn, device)
+            times[name].append(t)
+            tokens[name] = toks
+            log(f"  repeat {r}: {name:13s} {new_tokens / t:7.2f} tok/s")
+    decode = {}
+    for name, ts in times.items():
+        decode[name] = {
+            "tokens_per_s": new_tokens / median(ts),
+            "ms_per_token": 1000 * median(ts) / new_tokens,
+            "seconds_all": ts,
+            "tokens_per_s_all": [new_tokens / t for t in ts],
+        }
+    decode["what"] = (f"wall time of generating {new_tokens} tokens greedily from a {prompt_len}-token "
+                      "prompt (includes that prefill); tokens/s = new tokens / median seconds")
+    decode["full_points"] = list(points)
+    decode["greedy_tokens_agree_with_transformers"] = {
+        "leading_equal": leading_agreement(tokens["ours_off"], tokens["transformers"]),
+        "of": new_tokens,
+        "ours_variants_identical": tokens["ours_off"] == tokens["ours_light"] == tokens["ours_full"]
+        == tokens["bare"],
+    }
+    result["decode"] = decode
+
+    # Bandwidth ceiling, measured after the timings (the models stay loaded; same memory system).
+    log("bandwidth ...")
+    bw = measure_bandwidth(device, (128 << 20) if quick else (2 << 30))
+    wbytes = result["model"]["weight_bytes_per_token"]
+    bw["ours_off_weight_GBps"] = wbytes * decode["ours_off"]["tokens_per_s"] / 1e9
+    bw["transformers_weight_GBps"] = wbytes * decode["transformers"]["tokens_per_s"] / 1e9
+    bw["ours_off_pct_of_ceiling"] = 100 * bw["ours_off_weight_GBps"] / bw["ceiling_GBps"]
+    bw["ceiling_tokens_per_s"] = bw["ceiling_GBps"] * 1e9 / wbytes
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_TBPS.items() if k in name), None)
+        bw["gpu_name"] = name
+        bw["datasheet_TBps"] = peak
+        if peak:
+            bw["ours_off_pct_of_datasheet"] = 100 * bw["ours_off_weight_GBps"] / (peak * 1000)
+        bw["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    result["bandwidth"] = bw
+
+    d, p, ld = decode, result["prefill"], load
+    ratios = {
+        "decode_ours_off_over_transformers": d["ours_off"]["tokens_per_s"] / d["transformers"]["tokens_per_s"],
+        "decode_light_over_off": d["ours_light"]["tokens_per_s"] / d["ours_off"]["tokens_per_s"],
+        "decode_full_over_off": d["ours_full"]["tokens_per_s"] / d["ours_off"]["tokens_per_s"],
+        "decode_off_over_bare": d["ours_off"]["tokens_per_s"] / d["bare"]["tokens_per_s"],
+        "prefill_ours_over_transformers": p["ours"]["tokens_per_s"] / p["transformers"]["tokens_per_s"],
+        "load_seconds_ours_over_transformers": ld["ours"]["seconds"] / ld["transformers"]["seconds"],
+    }
+    result["ratios"] = ratios
+    decode_goal = 2.0 if args.model == "embedded" else 1.5
+    model_mb = ld["ours"]["model_MB"]
+    result["goals"] = {
+        f"decode >= {decode_goal}x transformers": ratios["decode_ours_off_over_transformers"] >= decode_goal,
+        "capture light within 10% of off": ratios["decode_light_over_off"] >= 0.9,
+        "off within noise (3%) of bare": ratios["decode_off_over_bare"] >= 0.97,
+        "prefill no slower than transformers": ratios["prefill_ours_over_transformers"] >= 0.97,
+        "load no slower than from_pretrained": ratios["load_seconds_ours_over_transformers"] <= 1.03,
+        "load peak RSS <= model size + 300 MB": ld["ours"]["peak_rss_above_baseline_MB"] <= model_mb + 300,
+    }
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return result
+
+
+def table(r: dict) -> str:
+    d, p, ld, bw = r["decode"], r["prefill"], r["load"], r["bandwidth"]
+    m = r["machine"]
+    lines = [
+        f"{r['model']['name']} ({r['model']['num_parameters'] / 1e6:.0f}M params) {r['dtype']} on "
+        f"{m['device']} ({m['cpu_model']}, {m['torch_threads']} threads), torch {m['torch']}, "
+        f"transformers {m['transformers']} (attn: {r['transformers_attn_implementation']})",
+        "",
+        "| what | ours | transformers | ratio |",
+        "|---|---|---|---|",
+        f"| load, s | {ld['ours']['seconds']:.2f} | {ld['transformers']['seconds']:.2f} | "
+        f"{r['ratios']['load_seconds_ours_over_transformers']:.2f} |",
+        f"| load, peak RSS above baseline, MB (model {ld['ours']['model_MB']:.0f}) | "
+        f"{ld['ours']['peak_rss_above_baseline_MB']:.0f} | {ld['transformers']['peak_rss_above_baseline_MB']:.0f} | |",
+        f"| prefill {r['settings']['prefill_tokens']} tokens, tok/s | {p['ours']['tokens_per_s']:.1f} | "
+        f"{p['transformers']['tokens_per_s']:.1f} | {r['ratios']['prefill_ours_over_transformers']:.2f} |",
+        f"| decode {r['settings']['new_tokens']} tokens, tok/s (capture off) | {d['ours_off']['tokens_per_s']:.2f} | "
+        f"{d['transformers']['tokens_per_s']:.2f} | {r['ratios']['decode_ours_off_over_transformers']:.2f} |",
+        "",
+        "| decode variant | tok/s (median) | ms/token | all repeats, tok/s |",
+        "|---|---|---|---|",
+    ]
+    for name in ("transformers", "bare", "ours_off", "ours_light", "ours_full"):
+        v = d[name]
+        runs = ", ".join(f"{x:.2f}" for x in v["tokens_per_s_all"])
+        lines.append(f"| {name} | {v['tokens_per_s']:.2f} | {v['ms_per_token']:.1f} | {runs} |")
+    lines += [
+        "",
+        f"memory bandwidth: sum {bw['sum_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s; weights read "
+        f"per token {r['model']['weight_bytes_per_token'] / 1e6:.0f} MB -> ceiling "
+        f"{bw['ceiling_tokens_per_s']:.1f} tok/s; ours (off) reads {bw['ours_off_weight_GBps']:.1f} GB/s = "
+        f"{bw['ours_off_pct_of_ceiling']:.0f}% of the ceiling",
+        "",
+        "goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["goals"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--model", default="embedded", choices=["embedded", *SHAPES])
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None,
+                    help="runtime dtype (default: float32 for embedded, float16 otherwise)")
+    ap.add_argument("--quick", action="store_true", help="a few seconds: few tokens, one repeat (CI)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="write the results JSON here")
+    ap.add_argument("--load-worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.load_worker:
+        torch.set_num_threads(args.threads)
+        load_worker(args.load_worker, args.folder, args.device, args.dtype)
+        return
+    result = run(args)
+    print(table(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

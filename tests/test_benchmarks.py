@@ -1,0 +1,34 @@
+"""The speed benchmark's --quick mode runs end to end, so that the script cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_speed_quick_writes_results(tmp_path):
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--quick", "--device", "cpu", "--threads", "1",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for key in ("machine", "model", "dtype", "settings", "load", "prefill", "decode", "bandwidth",
+                "ratios", "goals", "transformers_attn_implementation"):
+        assert key in r, key
+    assert {"cpu_model", "cpu_cores", "torch", "transformers"} <= set(r["machine"])
+    for which in ("ours", "transformers"):
+        assert r["load"][which]["seconds"] > 0
+        assert r["prefill"][which]["tokens_per_s"] > 0
+    for variant in ("transformers", "bare", "ours_off", "ours_light", "ours_full"):
+        v = r["decode"][variant]
+        assert v["tokens_per_s"] > 0 and v["ms_per_token"] > 0
+        assert len(v["tokens_per_s_all"]) == r["settings"]["repeats"]
+    # Same weights, greedy: every variant of ours makes the same tokens.
+    assert r["decode"]["greedy_tokens_agree_with_transformers"]["ours_variants_identical"]
+    assert r["bandwidth"]["ceiling_GBps"] > 0
+    assert "| decode variant |" in proc.stdout
