@@ -23,23 +23,16 @@ LOG_COLUMNS = ("step", "train_loss", "heldout_loss", "lr", "seconds")
 
 
 def _added_token(content: str) -> dict:
-    # The form transformers 4.x writes for Llama 2's special tokens.
-    return {
-        "__type": "AddedToken",
-        "content": content,
-        "lstrip": False,
-        "normalized": False,
-        "rstrip": False,
-        "single_word": False,
-    }
+    # The form transformers 4.x (>= 4.34) writes for Llama 2's special tokens.
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
 
 def tokenizer_config(model_max_length: int) -> dict:
-    """tokenizer_config.json as Llama-2-7b-hf ships it (LlamaTokenizer, BOS added, no EOS).
+    """tokenizer_config.json as current Llama-2 repos ship it (LlamaTokenizer, BOS added, no EOS).
 
-    ``legacy: false`` is what current Llama 2 repos say; for plain text (no special tokens
-    inside the string) it tokenizes exactly like sentencepiece with BOS prepended, which the
-    tests check against transformers' AutoTokenizer.
+    ``legacy: false`` is what those repos say; it only changes how text right after a special
+    token is split. For plain text transformers' AutoTokenizer then gives exactly
+    sentencepiece's ids with BOS in front (checked in tests/test_embedded.py).
     """
     return {
         "add_bos_token": True,
@@ -48,7 +41,7 @@ def tokenizer_config(model_max_length: int) -> dict:
             str(i): {**_added_token(tok), "special": True}
             for i, tok in enumerate(("<unk>", "<s>", "</s>"))
         },
-        **{name: _added_token(tok) for name, tok in SPECIAL_TOKENS.items()},
+        **SPECIAL_TOKENS,
         "clean_up_tokenization_spaces": False,
         "legacy": False,
         "model_max_length": model_max_length,
