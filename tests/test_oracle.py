@@ -192,3 +192,19 @@ def test_config_styles_parse_to_the_same_config(make_checkpoint):
     from tracer.config import LlamaConfig
 
     assert LlamaConfig.from_dict(raw4) == LlamaConfig.from_dict(raw5)
+
+
+def test_embedded_model_agrees_with_transformers():
+    """The shipped model: transformers loads the folder and agrees on ids, logits and greedy tokens."""
+    folder = tracer.embedded_path()
+    ours = tracer.load(device="cpu", dtype="float32", progress=False)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS + ["It is a truth universally acknowledged", "  two leading spaces"]:
+        assert ours.tokenizer.encode(text, parse_special=True) == hf_tok(text)["input_ids"], text
+    theirs = hf_model(folder)
+    ids = ours.tokenizer.encode("It is a truth universally acknowledged, that a single man in possession")
+    with torch.no_grad():
+        expected = theirs(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours.logits(ids), expected, atol=1e-4, rtol=0)
+    gen = ours.generate(ids, max_new_tokens=30, do_sample=False, capture="off")
+    assert gen.new_ids == hf_generate(theirs, ids, max_new_tokens=30, do_sample=False)
