@@ -227,12 +227,15 @@ class Decoder:
 
     def _record_sample(self, stages, token, chosen_p, rank, step, force_id, started, t0):
         k = min(self.capture.top_k, stages["raw"].shape[-1])
-        rows = []
+        rows, done = [], {}
         for name in sampling.STAGES:
-            scores = stages[name][0]
-            p = scores if name == "final" else torch.softmax(scores, dim=-1)
-            top = torch.topk(scores, k)
-            rows.append(torch.stack([top.indices.to(p.dtype), top.values, p[top.indices]]))
+            stage = stages[name]
+            if id(stage) not in done:  # greedy passes one tensor through several stages: rank it once
+                scores = stage[0]
+                p = scores if name == "final" else torch.softmax(scores, dim=-1)
+                top = torch.topk(scores, k)
+                done[id(stage)] = torch.stack([top.indices.to(p.dtype), top.values, p[top.indices]])
+            rows.append(done[id(stage)])
         n_left = (stages["final"][0] > 0).sum()
         extra = torch.stack([token.to(chosen_p.dtype), chosen_p, rank.to(chosen_p.dtype), n_left.to(chosen_p.dtype)])
         # One device -> host copy per step for everything the event shows.
