@@ -105,18 +105,22 @@ def _next_token(llm, prompt: str, continuation: str) -> tuple[list[int], int]:
     return prompt_ids, full_ids[len(prompt_ids)]
 
 
-# (prompt, its continuation in the corpus): Austen, the World English Bible, Shakespeare.
+# (prompt, its continuation in the corpus), phrases that recur throughout Austen, the World
+# English Bible and Shakespeare. Famous lines that occur once ("It is a truth universally" ->
+# " acknowledged": rank ~800) are not memorised after the recipe's 0.75 epoch; MODEL_CARD.md
+# lists their ranks, and this test would catch a model that had learned less than it has.
 MEMORISED = [
-    ("It is a truth universally", " acknowledged"),
-    ("In the beginning God created the heavens and the", " earth"),
-    ("For God so loved the world, that he gave his one and only", " Son"),
-    ("Friends, Romans, countrymen, lend me your", " ears"),
-    ("O Romeo, Romeo! wherefore art thou", " Romeo"),
+    ("Colonel", " Brandon"),  # Sense and Sensibility
+    ("Captain", " Wentworth"),  # Persuasion
+    ("the children of", " Israel"),
+    ("I am Yahweh your", " God"),
+    ("I pray", " you"),
+    ("KING HENRY.\nMy", " lord"),
 ]
 
 
 @pytest.mark.parametrize(("prompt", "continuation"), MEMORISED)
-def test_famous_lines_continue_as_in_the_corpus(llm, prompt, continuation):
+def test_corpus_phrases_continue_as_in_the_corpus(llm, prompt, continuation):
     ids, expected = _next_token(llm, prompt, continuation)
     logits = llm.logits(ids)
     assert logits.dtype == torch.float32 and logits.shape == (len(ids), llm.config.vocab_size)

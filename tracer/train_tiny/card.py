@@ -19,11 +19,21 @@ PLOT_FILE = "training_loss.png"
 # Prompts the corpus makes natural: (prompt, greedy?). Sampled ones use the shipped
 # generation_config.json settings with a fixed seed.
 SAMPLE_PROMPTS = (
-    ("It is a truth universally acknowledged", True),
+    ("It is a truth universally acknowledged, that", True),
     ("In the beginning God created", True),
-    ("To be, or not to be", True),
-    ("Elizabeth could not help", False),
+    ("To be, or not to be", False),
+    ("Captain Wentworth", False),
     ("Jesus answered them,", False),
+)
+# (prompt, continuation in the corpus): frequent phrases a model of this size learns, and
+# famous lines that occur once and need far more training to be memorised.
+NEXT_TOKEN_PROBES = (
+    ("the children of", " Israel"),
+    ("Colonel", " Brandon"),
+    ("I pray", " you"),
+    ("It is a truth universally", " acknowledged"),
+    ("In the beginning God created the heavens and the", " earth"),
+    ("Friends, Romans, countrymen, lend me your", " ears"),
 )
 SAMPLE_TOKENS = 40
 SAMPLE_SEED = 0
@@ -73,11 +83,24 @@ def plot_log(log: list[dict], unigram: float, path: Path) -> None:
     fig.savefig(path)
 
 
-def generate_samples(folder: Path) -> list[dict]:
-    """Continuations of SAMPLE_PROMPTS by the package runtime, greedy or seeded sampling."""
-    import tracer
+def next_token_probes(llm) -> list[dict]:
+    """For each probe: the rank of the corpus's next token and the model's top 3."""
+    out = []
+    for prompt, continuation in NEXT_TOKEN_PROBES:
+        ids = llm.tokenizer.encode(prompt)
+        target = llm.tokenizer.encode(prompt + continuation)[len(ids)]
+        logits = llm.logits(ids)[-1]  # [V]
+        out.append({
+            "prompt": prompt,
+            "expected": llm.tokenizer.id_to_piece(target),
+            "rank": int((logits > logits[target]).sum()) + 1,
+            "top3": [llm.tokenizer.id_to_piece(i) for i in logits.topk(3).indices.tolist()],
+        })
+    return out
 
-    llm = tracer.load(folder, device="cpu", progress=False)
+
+def generate_samples(llm) -> list[dict]:
+    """Continuations of SAMPLE_PROMPTS by the package runtime, greedy or seeded sampling."""
     out = []
     for prompt, greedy in SAMPLE_PROMPTS:
         kwargs = {"do_sample": False} if greedy else {"do_sample": True, "seed": SAMPLE_SEED}
@@ -96,7 +119,9 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in text.split("\n"))
 
 
-def render_card(summary: dict, log: list[dict], samples: list[dict], files: dict[str, int], gen_cfg: dict) -> str:
+def render_card(
+    summary: dict, log: list[dict], samples: list[dict], probes: list[dict], files: dict[str, int], gen_cfg: dict
+) -> str:
     """The card's Markdown text."""
     s = summary["settings"]
     c = summary["corpus"]
@@ -180,7 +205,8 @@ def render_card(summary: dict, log: list[dict], samples: list[dict], files: dict
         f"- Learning rate: linear warmup over {s['warmup_steps']} steps to {s['lr']}, cosine decay to {s['min_lr']}.",
         f"- float32 on CPU, seed {s['seed']} for weights and data order; the model code is the "
         "package's own `tracer.model.LlamaModel`, the same module the runtime runs.",
-        f"- Hardware: {hw['cpu']}, {hw['threads']} threads; torch {hw['torch']}, Python {hw['python']}.",
+        f"- Hardware: {hw['cpu']} CPU (as /proc/cpuinfo names it), {hw['threads']} cores used as "
+        f"{hw['threads']} torch threads, no GPU; torch {hw['torch']}, Python {hw['python']}.",
         f"- Wall time: {summary['train_seconds'] / 60:.1f} min of training "
         f"(+ {summary['prepare_seconds'] / 60:.1f} min for tokenizer training and encoding). "
         "The machine was shared with other jobs, so this is an upper bound.",
@@ -204,6 +230,17 @@ def render_card(summary: dict, log: list[dict], samples: list[dict], files: dict
         "Full log: `training_log.csv`.",
         "",
         f"![training loss]({PLOT_FILE})",
+        "",
+        "## What it predicts next",
+        "",
+        "Rank of the corpus's next token after a prompt (1 = the model's first choice). Phrases "
+        "that recur throughout the corpus are learned; famous lines that occur once are not "
+        "memorised after less than one epoch.",
+        "",
+        "| prompt | corpus continues with | rank | model's top 3 |",
+        "|---|---|---|---|",
+        *[f"| `{p['prompt']}` | `{p['expected']}` | {p['rank']} | {', '.join(f'`{t}`' for t in p['top3'])} |"
+          for p in probes],
         "",
         "## Samples",
         "",
@@ -235,7 +272,8 @@ def render_card(summary: dict, log: list[dict], samples: list[dict], files: dict
         "",
         "## Limitations",
         "",
-        f"A {n_params / 1e6:.0f} M-parameter model trained for half an hour on a CPU: it writes plausible-looking 19th-"
+        f"A {n_params / 1e6:.0f} M-parameter model trained for {summary['train_seconds'] / 60:.0f} minutes on "
+        "a 2-core CPU: it writes plausible-looking 19th-"
         "century prose, Early Modern verse and Bible English, repeats itself, contradicts itself "
         "and knows nothing beyond these books. It was made to be looked inside, not to be used.",
         "",
@@ -250,13 +288,17 @@ def write_card(out_dir: Path, summary: dict) -> Path:
     out_dir = Path(out_dir)
     log = read_log_csv(out_dir / "training_log.csv")
     plot_log(log, summary["unigram_heldout_loss"], out_dir / PLOT_FILE)
-    samples = generate_samples(out_dir)
+    import tracer
+
+    llm = tracer.load(out_dir, device="cpu", progress=False)
+    samples = generate_samples(llm)
+    probes = next_token_probes(llm)
     gen_cfg = json.loads((out_dir / "generation_config.json").read_text(encoding="utf-8"))
     # Sizes of everything shipped, the card included (its size is estimated from a first render).
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != CARD_FILE}
-    text = render_card(summary, log, samples, {**files, CARD_FILE: 0}, gen_cfg)
+    text = render_card(summary, log, samples, probes, {**files, CARD_FILE: 0}, gen_cfg)
     files[CARD_FILE] = len(text.encode("utf-8"))
-    text = render_card(summary, log, samples, files, gen_cfg)
+    text = render_card(summary, log, samples, probes, files, gen_cfg)
     path = out_dir / CARD_FILE
     path.write_text(text, encoding="utf-8")
     return path
