@@ -41,7 +41,9 @@ def test_public_api_shapes(tiny_llm):
     gen = tiny_llm.generate("The people", max_new_tokens=5, do_sample=True, temperature=0.7, top_k=40,
                             top_p=0.95, repetition_penalty=1.1, seed=0)
     assert gen.prompt_ids == ids and 1 <= len(gen.new_ids) <= 5
-    assert gen.text == tiny_llm.tokenizer.decode(gen.new_ids, skip_special_tokens=True)
+    # As transformers' pipeline cuts it: the whole text minus the prompt's (keeps the leading space).
+    whole = tiny_llm.tokenizer.decode(gen.prompt_ids + gen.new_ids)
+    assert "The people" + gen.text == whole
     again = tiny_llm.generate("The people", max_new_tokens=5, do_sample=True, temperature=0.7, top_k=40,
                               top_p=0.95, repetition_penalty=1.1, seed=0)
     assert again.new_ids == gen.new_ids  # seeded sampling is reproducible
@@ -93,3 +95,15 @@ def test_walkthrough_example_runs(tiny_checkpoint):
                           "--max-new-tokens", "8", "--seed", "0"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "[INST]" in out.stdout
+
+
+def test_compiled_forward_generates_the_same_tokens(tiny_checkpoint):
+    """load(compile=True): capture="off" runs a torch.compile'd forward; traced runs stay eager."""
+    eager = tracer.load(tiny_checkpoint, device="cpu", progress=False)
+    fast = tracer.load(tiny_checkpoint, device="cpu", progress=False, compile=True)
+    assert fast.fast_forward is not None and eager.fast_forward is None
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=4)
+    assert fast.generate("The people", capture="off", **kw).new_ids == eager.generate("The people", capture="off", **kw).new_ids
+    with fast.model.hooks.record("blocks.0.attn.pattern") as rec:  # hooks active -> eager path
+        fast.generate("The people", max_new_tokens=2, capture="off", do_sample=False)
+    assert "blocks.0.attn.pattern" in rec

@@ -119,6 +119,7 @@ class Llama:
         self.defaults = defaults
         self.resolved = resolved
         self.load_trace = load_trace
+        self.fast_forward = None  # set by load(compile=True)
 
     @property
     def device(self) -> torch.device:
@@ -222,6 +223,7 @@ class Llama:
         return Decoder(
             self.model, ids, settings, max_new_tokens=max_new, eos_ids=self.defaults.eos_token_ids,
             seed=seed, capture=opts, trace=trace, piece=self.tokenizer.id_to_piece,
+            fast_forward=self.fast_forward,
         )
 
     def generate(self, prompt, *, max_new_tokens: int | None = None, **kwargs) -> Generation:
@@ -236,10 +238,19 @@ class Llama:
         dec.run()
         return self.finish(dec)
 
+    def continuation_text(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        """The new text as it reads after the prompt (as transformers' pipeline cuts it): decode the
+        whole sequence and drop the prompt's text, so a leading space is kept."""
+        head = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(list(prompt_ids) + list(new_ids), skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head):]
+        return self.tokenizer.decode(new_ids, skip_special_tokens=True)
+
     def finish(self, dec: Decoder) -> Generation:
         """Detokenize a decoder's new ids into a :class:`Generation` (adds the ``detokenize`` event)."""
         t0, started = time.perf_counter(), time.time()
-        text = self.tokenizer.decode(dec.new_ids, skip_special_tokens=True)
+        text = self.continuation_text(dec.prompt_ids, dec.new_ids)
         if dec.capture.policy != "off":
             dec.trace.add(DetokenizeEvent(
                 time=started, seconds=time.perf_counter() - t0, new_ids=list(dec.new_ids),
@@ -258,12 +269,14 @@ def load(
     revision: str | None = None,
     token: str | bool | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> Llama:
     """Load a Llama checkpoint (a folder or hub repo id; None = the embedded default model).
 
     The model is built on the meta device (no memory), allocated once on the target device in
     the target dtype, then filled shard by shard, tensor by tensor. Each stage is a trace event in
-    ``llm.load_trace``.
+    ``llm.load_trace``. ``compile=True`` makes untraced generation (capture="off") use a
+    torch.compile'd forward; it compiles on first use.
     """
     trace = Trace()
     dev = pick_device(device)
@@ -311,7 +324,13 @@ def load(
         )
     defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
     trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname)
-    return Llama(model, tokenizer, defaults, resolved, trace)
+    llm = Llama(model, tokenizer, defaults, resolved, trace)
+    if compile:
+        # Opt-in: generation with capture="off" runs a torch.compile'd forward (fused kernels;
+        # dynamic shapes so the growing KV cache does not recompile). The first call compiles,
+        # which takes a minute on a small CPU; traced runs and hooks always use the eager model.
+        llm.fast_forward = torch.compile(model, dynamic=True)
+    return llm
 
 
 def _progress(total: int, enabled: bool):

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_generation_args(g)
     g.add_argument("--json", action="store_true", help="print a JSON result")
+    g.add_argument("--compile", action="store_true", help="torch.compile the forward (compiles first)")
 
     t = sub.add_parser("trace", help="generate and save the trace folder")
     _add_model_args(t)
@@ -96,7 +97,7 @@ def _load(args):
     from .api import load
 
     return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                token=args.token, progress=sys.stderr.isatty())
+                token=args.token, progress=sys.stderr.isatty(), compile=getattr(args, "compile", False))
 
 
 def run(args) -> int:

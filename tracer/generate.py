@@ -84,6 +84,7 @@ class Decoder:
         capture: CaptureOptions | None = None,
         trace: Trace | None = None,
         piece=lambda i: str(i),
+        fast_forward=None,
     ) -> None:
         cfg = model.config
         if not prompt_ids:
@@ -109,6 +110,8 @@ class Decoder:
         self.capture = capture or CaptureOptions()
         self.trace = trace if trace is not None else Trace()
         self.piece = piece
+        # capture="off" may run a compiled forward (same math, fused kernels); traced runs stay eager.
+        self.fast_forward = fast_forward if fast_forward is not None else model
         self.history: list[StepRecord] = []
         self.finish_reason: str | None = None
         self.seed = seed
@@ -158,7 +161,8 @@ class Decoder:
         x = torch.tensor([ids], device=self.model.device)
         policy = self.capture.policy
         if policy == "off":
-            return self.model(x, self.cache, last_only=True)[0, -1]  # checked in _sample
+            forward = self.model if self.model.hooks.any_active else self.fast_forward
+            return forward(x, self.cache, last_only=True)[0, -1]  # checked in _sample
         started, t0 = time.time(), time.perf_counter()
         start = self.cache.length
         with _Recorder(self, len(ids)) as rec:
