@@ -182,9 +182,7 @@ class Decoder:
             tensors=rec.tensors,
         )
         rec.fill_lens(event, self.model, self.capture.top_k)
-        k = min(self.capture.top_k, logits.shape[-1])
-        top = torch.topk(logits.float(), k)
-        event.top_logits = {"ids": top.indices.tolist(), "values": top.values.tolist()}
+        # top_logits is filled from the sample stage's "raw" top-k (the same numbers, one copy).
         self.trace.add(event)
         return logits.float()
 
@@ -266,6 +264,9 @@ class Decoder:
             forced=force_id is not None,
         )
         event.seconds = time.perf_counter() - t0
+        forward = self.trace.events[-1]
+        if isinstance(forward, ForwardEvent) and forward.step == step:
+            forward.top_logits = {"ids": event.stages["raw"]["ids"], "values": event.stages["raw"]["scores"]}
         self.trace.add(event)
         return token_id, prob, rank_i
 
