@@ -126,6 +126,7 @@ class Decoder:
         self._id_buf = torch.zeros(total, dtype=torch.long, device=model.device)
         self._id_buf[: len(prompt_ids)] = torch.tensor(prompt_ids)
         self._captured_bytes = 0
+        self._settings_json: tuple = (None, {})
 
     # --- state --------------------------------------------------------------------------------
     @property
@@ -241,21 +242,23 @@ class Decoder:
         n_left = (stages["final"][0] > 0).sum()
         extra = torch.stack([token.to(chosen_p.dtype), chosen_p, rank.to(chosen_p.dtype), n_left.to(chosen_p.dtype)])
         # One device -> host copy per step for everything the event shows.
-        host = torch.cat([torch.stack(rows).flatten(), extra]).cpu()
-        table = host[: -4].view(len(sampling.STAGES), 3, k)
-        token_id, prob, rank_i, n_left_i = int(host[-4]), float(host[-3]), int(host[-2]), int(host[-1])
+        host = torch.cat([torch.stack(rows).flatten(), extra]).tolist()
+        token_id, prob, rank_i, n_left_i = int(host[-4]), host[-3], int(host[-2]), int(host[-1])
+        stage_table = {}
+        for i, name in enumerate(sampling.STAGES):
+            base = i * 3 * k
+            stage_table[name] = {
+                "ids": [int(x) for x in host[base : base + k]],
+                "scores": host[base + k : base + 2 * k],
+                "probs": host[base + 2 * k : base + 3 * k],
+            }
+        if self._settings_json[0] is not self.settings:  # settings are frozen: convert once per change
+            self._settings_json = (self.settings, asdict(self.settings))
         event = SampleEvent(
             time=started,
             step=step,
-            settings=asdict(self.settings),
-            stages={
-                name: {
-                    "ids": table[i, 0].long().tolist(),
-                    "scores": table[i, 1].tolist(),
-                    "probs": table[i, 2].tolist(),
-                }
-                for i, name in enumerate(sampling.STAGES)
-            },
+            settings=dict(self._settings_json[1]),
+            stages=stage_table,
             candidates=n_left_i,
             chosen_id=token_id,
             chosen_piece=self.piece(token_id),
