@@ -4,8 +4,10 @@
 
 Runs on the embedded model (CPU, float32) unless told otherwise. The three policies are timed in
 turn, round after round, so that a machine whose speed drifts affects them alike; medians are
-reported. "bare" is a decode loop with no Decoder, no sampling stages and no hooks — the runtime
-with the tracing code taken away — so "off / bare" shows what the tracing code costs when off.
+reported, with per-round ratios (each pair ran seconds apart). "bare" is a decode loop with no
+Decoder, no sampling stages and no hooks — the runtime with the tracing code taken away — so
+"off / bare" shows what the tracing code costs when off; "bare_again / bare" (the same loop twice)
+shows how much two identical runs differ on this machine: the noise that "off" is judged against.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main(argv=None) -> dict:
     n = min(args.tokens, llm.config.max_position_embeddings - len(prompt))
     runs = {
         "bare": lambda: bare_decode(llm, prompt, n),
+        # The same bare loop again: bare_again/bare shows how far two identical runs differ here,
+        # the yardstick for "within noise".
+        "bare_again": lambda: bare_decode(llm, prompt, n),
         "off": lambda: decode(llm, prompt, n, "off"),
         "light": lambda: decode(llm, prompt, n, "light"),
         "full": lambda: decode(llm, prompt, n, "full"),
@@ -77,6 +82,10 @@ def main(argv=None) -> dict:
             seconds[name].append(time.perf_counter() - t0)
     tok_s = {k: [n / s for s in v] for k, v in seconds.items()}
     med = {k: statistics.median(v) for k, v in tok_s.items()}
+    pairs = {"bare_again/bare": ("bare_again", "bare"), "off/bare": ("off", "bare"),
+             "light/off": ("light", "off"), "full/off": ("full", "off")}
+    # Per-round ratios: both runs of a pair ran seconds apart, so drift in machine speed cancels.
+    per_round = {k: sorted(a / b for a, b in zip(tok_s[x], tok_s[y])) for k, (x, y) in pairs.items()}
 
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,18 +108,18 @@ def main(argv=None) -> dict:
         "full_points": list(FULL_POINTS),
         "tokens_per_s": tok_s,
         "median_tokens_per_s": med,
-        "ratios": {
-            "off/bare": med["off"] / med["bare"],
-            "light/off": med["light"] / med["off"],
-            "full/off": med["full"] / med["off"],
-        },
+        "ratios": {k: med[x] / med[y] for k, (x, y) in pairs.items()},
+        "per_round_ratios": per_round,
+        "per_round_ratio_medians": {k: statistics.median(v) for k, v in per_round.items()},
         "trace_bytes_on_disk": sizes,
     }
     print(f"{n} new tokens, {args.repeats} rounds, median tokens/s:")
     for k, v in med.items():
         print(f"  {k:6s} {v:8.1f}   (all: {', '.join(f'{x:.1f}' for x in tok_s[k])})")
+    print("ratios: of medians | median of per-round ratios [lowest, highest per-round]")
     for k, v in result["ratios"].items():
-        print(f"  {k:10s} {v:.3f}")
+        r = per_round[k]
+        print(f"  {k:16s} {v:.3f} | {statistics.median(r):.3f} [{r[0]:.3f}, {r[-1]:.3f}]")
     for k, v in sizes.items():
         print(f"  trace on disk, {k}: {v / 1e6:.2f} MB")
     if args.out:

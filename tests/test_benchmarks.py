@@ -32,3 +32,18 @@ def test_speed_quick_writes_results(tmp_path):
     assert r["decode"]["greedy_tokens_agree_with_transformers"]["ours_variants_identical"]
     assert r["bandwidth"]["ceiling_GBps"] > 0
     assert "| decode variant |" in proc.stdout
+
+
+def test_trace_cost_small_run_writes_results(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.trace_cost", "--tokens", "4", "--repeats", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["median_tokens_per_s"]) == {"bare", "bare_again", "off", "light", "full"}
+    for key in ("bare_again/bare", "off/bare", "light/off", "full/off"):
+        assert r["ratios"][key] > 0 and len(r["per_round_ratios"][key]) == 2
+    sizes = r["trace_bytes_on_disk"]
+    assert 0 < sizes["light"] < sizes["full"]

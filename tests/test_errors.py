@@ -315,3 +315,17 @@ def test_hub_gated_message(monkeypatch):
         tracer.load("meta-llama/Llama-2-7b-chat-hf", device="cpu", progress=False)
     msg = str(err.value)
     assert "gated" in msg and "token" in msg and "meta-llama/Llama-2-7b-chat-hf" in msg
+
+
+@pytest.mark.parametrize("capture", ["off", "light", "full"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_fp16_overflow_is_named_under_every_policy(ws, capture, do_sample):
+    """Greedy checks finiteness in the step's one host copy; sampling checks before multinomial
+    (which would otherwise fail with a bare RuntimeError)."""
+    m = ws.model()
+    builders.edit_tensors(m, lambda n, t: torch.where(t >= 0, 6e4, -6e4)
+                          if n == "model.layers.1.mlp.down_proj.weight" else t)
+    llm = tracer.load(m, dtype="float16")
+    kw = {"points": ["logits"]} if capture == "full" else {}
+    with pytest.raises(NumericsError, match="blocks.1.mlp.out"):
+        llm.generate("Hello there", max_new_tokens=2, capture=capture, do_sample=do_sample, **kw)

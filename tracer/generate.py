@@ -15,6 +15,7 @@ at the chosen hook points, within a byte budget checked before each forward.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -159,16 +160,24 @@ class Decoder:
         step = len(self.new_ids)
         first = step == 0
         ids = self.prompt_ids if first else self.new_ids[-1:]
-        x = torch.tensor([ids], device=self.model.device)
+        # The ids already sit in the device buffer (the repetition penalty reads it too): a view,
+        # not a new host -> device tensor per step.
+        end = len(self.prompt_ids) + step
+        x = self._id_buf[None, end - len(ids) : end]  # [1, T]
         policy = self.capture.policy
         if policy == "off":
-            forward = self.model if self.model.hooks.any_active else self.fast_forward
+            forward = self.fast_forward
+            if forward is not self.model and self.model.hooks.any_active:
+                forward = self.model  # hooks run only in the eager model, not the compiled one
             return forward(x, self.cache, last_only=True)[0, -1]  # checked in _sample
         started, t0 = time.time(), time.perf_counter()
         start = self.cache.length
-        with _Recorder(self, len(ids)) as rec:
+        if policy == "light" and not self.capture.lens:
+            recorder = None  # nothing to attach: no context to enter
             logits = self.model(x, self.cache, last_only=True)[0, -1]
-        self._check_finite(logits, step)
+        else:
+            with _Recorder(self, len(ids)) as recorder:
+                logits = self.model(x, self.cache, last_only=True)[0, -1]
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         cls = PrefillEvent if first else DecodeStepEvent
@@ -180,10 +189,12 @@ class Decoder:
             input_ids=list(ids),
             kv_cache=_cache_summary(self.cache),
             memory=memory_snapshot(self.model.device),
-            tensors=rec.tensors,
+            tensors=recorder.tensors if recorder else {},
         )
-        rec.fill_lens(event, self.model, self.capture.top_k)
-        # top_logits is filled from the sample stage's "raw" top-k (the same numbers, one copy).
+        if recorder:
+            recorder.fill_lens(event, self.model, self.capture.top_k)
+        # top_logits is filled from the sample stage's "raw" top-k (the same numbers, one copy);
+        # finiteness is checked there too, in the same host copy.
         self.trace.add(event)
         return logits.float()
 
@@ -191,6 +202,10 @@ class Decoder:
         step = len(self.new_ids)
         s = self.settings
         prev = self._id_buf[None, : len(self.prompt_ids) + step]  # every id so far, on the device
+        if s.do_sample and force_id is None:
+            # multinomial refuses nan/inf with a bare RuntimeError: name the cause first. Greedy
+            # argmax copes with them, so there the check rides on the step's one host copy.
+            self._check_finite(logits, step)
         if self.capture.policy == "off":
             return self._sample_untraced(logits, prev, force_id, step)
         t0, started = time.perf_counter(), time.time()
@@ -203,7 +218,7 @@ class Decoder:
         else:
             token = torch.tensor(force_id, device=probs.device)
         chosen_p = probs[token]
-        rank = (probs > chosen_p).sum()
+        rank = (probs > chosen_p).sum(dtype=probs.dtype)  # float, to share the step's one host copy
         token_id, prob, rank_i = self._record_sample(stages, token, chosen_p, rank, step, force_id, started, t0)
         return self._append(StepRecord(step, token_id, prob, rank_i, force_id is not None))
 
@@ -213,8 +228,12 @@ class Decoder:
             token = sampling.next_token(logits[None], prev, self.settings, self.generator)[0]
         else:
             token = torch.tensor(force_id, device=logits.device)
-        token_id, finite = torch.stack([token, torch.isfinite(logits).all().long()]).tolist()
-        if not finite:
+        # A sum is finite if every logit is (barring fp32 overflow, which the exact check clears).
+        # Ids below 2**24 are exact in float32.
+        f32 = torch.float32  # not the model's dtype: float16 holds ids only up to 2048 exactly
+        token_id, total = torch.stack([token.to(f32), logits.sum(dtype=f32)]).tolist()
+        token_id = int(token_id)
+        if not math.isfinite(total):
             self._check_finite(logits, step)
         return self._append(StepRecord(step, token_id, float("nan"), -1, force_id is not None))
 
@@ -229,29 +248,44 @@ class Decoder:
         return record
 
     def _record_sample(self, stages, token, chosen_p, rank, step, force_id, started, t0):
-        k = min(self.capture.top_k, stages["raw"].shape[-1])
-        rows, done = [], {}
-        for name in sampling.STAGES:
-            stage = stages[name]
-            if id(stage) not in done:  # greedy passes one tensor through several stages: rank it once
-                scores = stage[0]
-                p = scores if name == "final" else torch.softmax(scores, dim=-1)
-                top = torch.topk(scores, k)
-                done[id(stage)] = torch.stack([top.indices.to(p.dtype), top.values, p[top.indices]])
-            rows.append(done[id(stage)])
-        n_left = (stages["final"][0] > 0).sum()
-        extra = torch.stack([token.to(chosen_p.dtype), chosen_p, rank.to(chosen_p.dtype), n_left.to(chosen_p.dtype)])
+        logits = stages["raw"][0]
+        k = min(self.capture.top_k, logits.shape[-1])
+        # Rank every distinct score stage in one topk call (greedy passes one tensor through
+        # several stages). "final" is the softmax of the last score stage, so it shares its ranking
+        # and serves as that stage's probabilities.
+        names = sampling.STAGES[:-1]
+        row_of: dict[int, int] = {}
+        for n in names:
+            row_of.setdefault(id(stages[n]), len(row_of))
+        distinct = {id(stages[n]): stages[n][0] for n in names}  # insertion order = row order
+        rows_v = list(distinct.values())
+        scores = rows_v[0][None] if len(rows_v) == 1 else torch.stack(rows_v)  # [U, V]
+        top = torch.topk(scores, k)  # [U, k]
+        probs = stages["final"] if len(rows_v) == 1 else torch.softmax(scores, dim=-1)  # [U, V]
+        top_p = probs.gather(-1, top.indices)
+        f = top.values.dtype
+        n_left = (stages["final"][0] > 0).sum(dtype=f)
+        # A sum is finite if every logit is (barring fp32 overflow, which the exact check clears).
+        extra = torch.stack([token.to(f), chosen_p, rank, n_left, logits.sum()])
         # One device -> host copy per step for everything the event shows.
-        host = torch.cat([torch.stack(rows).flatten(), extra]).tolist()
-        token_id, prob, rank_i, n_left_i = int(host[-4]), host[-3], int(host[-2]), int(host[-1])
+        host = torch.cat([top.indices.to(f).flatten(), top.values.flatten(), top_p.flatten(), extra]).tolist()
+        if not math.isfinite(host[-1]):
+            self._check_finite(logits, step)
+        token_id, prob, rank_i, n_left_i = int(host[-5]), host[-4], int(host[-3]), int(host[-2])
+        U = len(distinct)
+        rows = []
+        for r in range(U):
+            ids = [int(i) for i in host[r * k : (r + 1) * k]]
+            vals = host[(U + r) * k : (U + r + 1) * k]
+            probs = host[(2 * U + r) * k : (2 * U + r + 1) * k]
+            rows.append((ids, vals, probs))
         stage_table = {}
-        for i, name in enumerate(sampling.STAGES):
-            base = i * 3 * k
-            stage_table[name] = {
-                "ids": [int(x) for x in host[base : base + k]],
-                "scores": host[base + k : base + 2 * k],
-                "probs": host[base + 2 * k : base + 3 * k],
-            }
+        for name in names:
+            ids, vals, probs = rows[row_of[id(stages[name])]]
+            stage_table[name] = {"ids": ids, "scores": vals, "probs": probs}
+        # softmax keeps the order: final's top-k is the last score stage's, its scores the probs.
+        ids, _, probs = rows[row_of[id(stages[names[-1]])]]
+        stage_table["final"] = {"ids": ids, "scores": probs, "probs": probs}
         if self._settings_json[0] is not self.settings:  # settings are frozen: convert once per change
             self._settings_json = (self.settings, asdict(self.settings))
         event = SampleEvent(
@@ -269,7 +303,7 @@ class Decoder:
         event.seconds = time.perf_counter() - t0
         forward = self.trace.events[-1]
         if isinstance(forward, ForwardEvent) and forward.step == step:
-            forward.top_logits = {"ids": event.stages["raw"]["ids"], "values": event.stages["raw"]["scores"]}
+            forward.top_logits = {"ids": stage_table["raw"]["ids"], "values": stage_table["raw"]["scores"]}
         self.trace.add(event)
         return token_id, prob, rank_i
 
@@ -315,12 +349,14 @@ class Decoder:
 
 
 def _cache_summary(cache: KVCache) -> dict:
+    L, B, Hkv, max_len, hd = cache.k.shape
+    per_position = 2 * L * B * Hkv * hd * cache.k.element_size()  # K and V, every layer
     return {
         "length": cache.length,
         "max_len": cache.max_len,
-        "shape_per_layer": [int(cache.k.shape[1]), int(cache.k.shape[2]), cache.length, int(cache.k.shape[4])],
-        "bytes_used": cache.bytes_used(),
-        "bytes_allocated": cache.bytes_allocated,
+        "shape_per_layer": [B, Hkv, cache.length, hd],
+        "bytes_used": per_position * cache.length,
+        "bytes_allocated": per_position * max_len,
     }
 
 

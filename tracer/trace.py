@@ -38,9 +38,14 @@ def memory_snapshot(device: torch.device | str | None = None) -> dict[str, int]:
     """Current process RSS (bytes) and, on CUDA, allocated/peak GPU bytes."""
     snap: dict[str, int] = {}
     try:
-        with open("/proc/self/statm") as f:
-            snap["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
+        # os-level read: this runs once per decode step with capture on, and io.open costs more
+        # than the read itself.
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        try:
+            snap["rss_bytes"] = int(os.read(fd, 256).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, IndexError):
         pass
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
         snap["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
