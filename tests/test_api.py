@@ -97,13 +97,18 @@ def test_walkthrough_example_runs(tiny_checkpoint):
     assert "[INST]" in out.stdout
 
 
-def test_compiled_forward_generates_the_same_tokens(tiny_checkpoint):
-    """load(compile=True): capture="off" runs a torch.compile'd forward; traced runs stay eager."""
+def test_compiled_step_generates_the_same_tokens(tiny_checkpoint):
+    """load(compile=True): capture="off" decodes with a torch.compile'd LlamaModel.step, compiled
+    once for a cache size and reused for every step; traced runs stay eager."""
     eager = tracer.load(tiny_checkpoint, device="cpu", progress=False)
     fast = tracer.load(tiny_checkpoint, device="cpu", progress=False, compile=True)
-    assert fast.fast_forward is not None and eager.fast_forward is None
+    assert fast.fast_step is not None and eager.fast_step is None
     kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=4)
     assert fast.generate("The people", capture="off", **kw).new_ids == eager.generate("The people", capture="off", **kw).new_ids
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    kw["max_new_tokens"] = 20  # another length, the same cache bucket
+    assert fast.generate("The people", capture="off", **kw).new_ids == eager.generate("The people", capture="off", **kw).new_ids
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile per step or run
     with fast.model.hooks.record("blocks.0.attn.pattern") as rec:  # hooks active -> eager path
         fast.generate("The people", max_new_tokens=2, capture="off", do_sample=False)
     assert "blocks.0.attn.pattern" in rec

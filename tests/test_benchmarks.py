@@ -24,7 +24,7 @@ def test_speed_quick_writes_results(tmp_path):
     for which in ("ours", "transformers"):
         assert r["load"][which]["seconds"] > 0
         assert r["prefill"][which]["tokens_per_s"] > 0
-    for variant in ("transformers", "bare", "ours_off", "ours_light", "ours_full"):
+    for variant in ("transformers", "matmuls_only", "bare", "ours_off", "ours_light", "ours_full"):
         v = r["decode"][variant]
         assert v["tokens_per_s"] > 0 and v["ms_per_token"] > 0
         assert len(v["tokens_per_s_all"]) == r["settings"]["repeats"]

@@ -82,3 +82,46 @@ def test_kv_cache_is_sized_for_the_request_not_the_config_maximum():
     cache = model.new_cache(40)
     assert cache.k.shape[3] == 40
     assert cache.bytes_allocated == 2 * 3 * 1 * 2 * 40 * 8 * 4
+
+
+@pytest.fixture(params=[6, 2, 1], ids=["mha", "gqa", "mqa"])
+def tiny_model_and_ids(request):
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    return small_model(num_key_value_heads=request.param), ids
+
+
+def _prefilled(model, ids, max_len):
+    cache = model.new_cache(max_len)
+    model(torch.tensor([ids]), cache, last_only=True)
+    return cache
+
+
+@torch.inference_mode()
+def test_static_step_equals_forward_with_the_cache(tiny_model_and_ids):
+    """LlamaModel.step (tensor position, attention over every slot with the rest masked) gives the
+    logits of forward(token, cache) and writes the same keys and values, step after step."""
+    model, ids = tiny_model_and_ids
+    a, b = _prefilled(model, ids, len(ids) + 6), _prefilled(model, ids, len(ids) + 6)
+    b.k[:, :, :, len(ids):] = 1e3  # stale slots beyond the position must not matter
+    b.v[:, :, :, len(ids):] = 1e3
+    token = torch.tensor([[5]])
+    for _ in range(5):
+        start = a.length
+        want = model(token, a, last_only=True)[:, -1]
+        got = model.step(token, torch.tensor([start]), b)
+        b.length = start + 1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.k[:, :, :, : a.length], a.k[:, :, :, : a.length], atol=1e-5, rtol=1e-5)
+        token = want.argmax(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def test_static_step_with_a_pattern_hook_masks_unwritten_slots(tiny_model_and_ids):
+    model, ids = tiny_model_and_ids
+    cache = _prefilled(model, ids, len(ids) + 4)
+    with model.hooks.record("blocks.0.attn.pattern") as rec:
+        model.step(torch.tensor([[5]]), torch.tensor([len(ids)]), cache)
+    pattern = rec["blocks.0.attn.pattern"]  # [1, H, 1, max_len]
+    assert pattern.shape[-1] == len(ids) + 4
+    assert torch.all(pattern[..., len(ids) + 1 :] == 0)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))

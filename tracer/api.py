@@ -119,7 +119,17 @@ class Llama:
         self.defaults = defaults
         self.resolved = resolved
         self.load_trace = load_trace
-        self.fast_forward = None  # set by load(compile=True)
+        self.fast_step = None  # set by load(compile=True): a compiled LlamaModel.step
+
+    def compile_step(self) -> Llama:
+        """Make decode steps with capture="off" run a torch.compile'd :meth:`LlamaModel.step`.
+
+        Static shapes, fused kernels. The first step compiles (seconds to minutes on a small CPU);
+        the Decoder rounds cache sizes up to multiples of 256 slots, so only a generation reaching
+        a new multiple compiles again. Prefill, traced runs and hooks keep the eager model.
+        """
+        self.fast_step = torch.compile(self.model.step, dynamic=False)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -223,7 +233,7 @@ class Llama:
         return Decoder(
             self.model, ids, settings, max_new_tokens=max_new, eos_ids=self.defaults.eos_token_ids,
             seed=seed, capture=opts, trace=trace, piece=self.tokenizer.id_to_piece,
-            fast_forward=self.fast_forward,
+            fast_step=self.fast_step,
         )
 
     def generate(self, prompt, *, max_new_tokens: int | None = None, **kwargs) -> Generation:
@@ -276,7 +286,7 @@ def load(
     The model is built on the meta device (no memory), allocated once on the target device in
     the target dtype, then filled shard by shard, tensor by tensor. Each stage is a trace event in
     ``llm.load_trace``. ``compile=True`` makes untraced generation (capture="off") use a
-    torch.compile'd forward; it compiles on first use.
+    torch.compile'd decode step (:meth:`LlamaModel.step`); it compiles on first use.
     """
     trace = Trace()
     dev = pick_device(device)
@@ -326,10 +336,7 @@ def load(
     trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname)
     llm = Llama(model, tokenizer, defaults, resolved, trace)
     if compile:
-        # Opt-in: generation with capture="off" runs a torch.compile'd forward (fused kernels;
-        # dynamic shapes so the growing KV cache does not recompile). The first call compiles,
-        # which takes a minute on a small CPU; traced runs and hooks always use the eager model.
-        llm.fast_forward = torch.compile(model, dynamic=True)
+        llm.compile_step()
     return llm
 
 

@@ -36,6 +36,7 @@ from .trace import (
 )
 
 DEFAULT_BUDGET_BYTES = 512 * 1024**2  # full capture: refuse beyond this unless raised
+CACHE_BUCKET = 256  # KV cache sizes for a compiled step: multiples of this (one graph per size)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Decoder:
         capture: CaptureOptions | None = None,
         trace: Trace | None = None,
         piece=lambda i: str(i),
-        fast_forward=None,
+        fast_step=None,
     ) -> None:
         cfg = model.config
         if not prompt_ids:
@@ -111,8 +112,9 @@ class Decoder:
         self.capture = capture or CaptureOptions()
         self.trace = trace if trace is not None else Trace()
         self.piece = piece
-        # capture="off" may run a compiled forward (same math, fused kernels); traced runs stay eager.
-        self.fast_forward = fast_forward if fast_forward is not None else model
+        # capture="off" may run a compiled decode step (LlamaModel.step: same math, static shapes,
+        # fused kernels); prefill and traced runs stay eager.
+        self.fast_step = fast_step
         self.history: list[StepRecord] = []
         self.finish_reason: str | None = None
         self.seed = seed
@@ -121,8 +123,11 @@ class Decoder:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
-        # Sized for what this generation can reach, not for max_position_embeddings.
-        self.cache: KVCache = model.new_cache(total)
+        # Sized for what this generation can reach, not for max_position_embeddings. A compiled
+        # step has static shapes, so there the size is rounded up to a multiple of CACHE_BUCKET:
+        # generations of different lengths then share one compiled graph (extra slots are masked).
+        size = total if fast_step is None else min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, cfg.max_position_embeddings)
+        self.cache: KVCache = model.new_cache(size)
         # All ids (prompt + generated) on the device, for the repetition penalty without a copy.
         self._id_buf = torch.zeros(total, dtype=torch.long, device=model.device)
         self._id_buf[: len(prompt_ids)] = torch.tensor(prompt_ids)
@@ -166,10 +171,15 @@ class Decoder:
         x = self._id_buf[None, end - len(ids) : end]  # [1, T]
         policy = self.capture.policy
         if policy == "off":
-            forward = self.fast_forward
-            if forward is not self.model and self.model.hooks.any_active:
-                forward = self.model  # hooks run only in the eager model, not the compiled one
-            return forward(x, self.cache, last_only=True)[0, -1]  # checked in _sample
+            # Hooks run only in the eager model; a compiled graph would skip a hook attached later.
+            if first or self.fast_step is None or self.model.hooks.any_active:
+                return self.model(x, self.cache, last_only=True)[0, -1]  # checked in _sample
+            start = self.cache.length
+            position = torch.tensor([start], device=self.model.device)
+            token = self._id_buf[end - 1 : end].view(1, 1)  # strides (1, 1) whatever the buffer's length
+            logits = self.fast_step(token, position, self.cache)[0]
+            self.cache.length = start + 1
+            return logits
         started, t0 = time.time(), time.perf_counter()
         start = self.cache.length
         if policy == "light" and not self.capture.lens:

@@ -112,9 +112,17 @@ class KVCache:
         self.cos, self.sin = rope_cos_sin(inv_freq, positions, dtype)
 
     def update(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new ``k``/``v`` [B, Hkv, T, hd] at ``start``; return views of all keys so far."""
+        """Write new ``k``/``v`` [B, Hkv, T, hd] at ``start``; return views of all keys so far.
+
+        A tensor ``start`` (one position, :meth:`LlamaModel.step`) writes there and returns every
+        slot [B, Hkv, max_len, hd], so that the shapes do not depend on the position.
+        """
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -217,7 +225,12 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int | torch.Tensor,
+        cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
@@ -235,20 +248,24 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # [B, Hkv, S, hd], S = start + T
         n_rep = H // Hkv
+        # With a tensor position (LlamaModel.step) k/v are every cache slot: hide the slots after
+        # this token. A hidden key gets weight exactly 0, so the result is the same.
+        visible = None if isinstance(start, int) else (torch.arange(k.shape[2], device=x.device) <= start)[None]
 
         if self.hook_pattern.fns:
             # Explicit path, only for layers whose pattern someone asked for.
-            mask = causal_mask(T, start, x.device)
+            mask = causal_mask(T, start, x.device) if visible is None else visible
             k = repeat_kv(k, n_rep)  # [B, H, S, hd]
             v = repeat_kv(v, n_rep)  # [B, H, S, hd]
             probs = self.hook_pattern(attention_probs(q, k, mask, self.scale))  # [B, H, T, S]
             z = torch.matmul(probs, v)  # [B, H, T, hd]
         elif T == 1:
-            # One decode token sees every key, so no mask: the n_rep query heads sharing a KV head
-            # become n_rep query rows of one attention call (same math as repeat_kv, without copying
-            # the cache; several times faster on the CPU, where SDPA is slow for one query row).
+            # One decode token sees every key, so no mask (but step's, for unwritten slots): the
+            # n_rep query heads sharing a KV head become n_rep query rows of one attention call
+            # (same math as repeat_kv, without copying the cache; several times faster on the CPU,
+            # where SDPA is slow for one query row).
             q = q.reshape(B, Hkv, n_rep, hd)  # [B, Hkv, n_rep, hd]: head h = kv * n_rep + r
-            z = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, Hkv, n_rep, hd]
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)  # [B, Hkv, n_rep, hd]
             z = z.reshape(B, H, 1, hd)  # [B, H, 1, hd]
         else:
             # Prefill from position 0 is plainly causal; a chunk after a past needs the mask.
@@ -383,6 +400,24 @@ class LlamaModel(nn.Module):
             h = h[:, -1:]  # [B, 1, D]
         h = self.hook_final_norm(self.final_norm(h))
         return self.hook_logits(F.linear(h, self.output_weight()))  # [B, T, V]
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] for one decode token [B, 1] at ``position`` (a [1] long tensor).
+
+        The same math as ``forward(token, cache, last_only=True)``, written for ``torch.compile``
+        (as gpt-fast does): the position is a tensor, not a Python int, and attention spans the
+        whole preallocated cache with the unwritten slots masked, so every step has the same
+        shapes and one compiled graph serves them all. It does not read or advance
+        ``cache.length`` (an int that would be baked into the graph); the caller does that.
+        Hooks are called as in ``forward``, but a compiled step must not be used while any is attached.
+        """
+        cos = cache.cos.index_select(0, position)[None, :, None, :]  # [1, 1, 1, hd]
+        sin = cache.sin.index_select(0, position)[None, :, None, :]
+        h = self.hook_embed(self.embed(token))  # [B, 1, D]
+        for block in self.blocks:
+            h = block(h, cos, sin, position, cache)
+        h = self.hook_final_norm(self.final_norm(h))
+        return self.hook_logits(F.linear(h, self.output_weight()))[:, -1]  # [B, V]
 
 
 @torch.no_grad()
