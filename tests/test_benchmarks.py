@@ -47,3 +47,10 @@ def test_trace_cost_small_run_writes_results(tmp_path):
         assert r["ratios"][key] > 0 and len(r["per_round_ratios"][key]) == 2
     sizes = r["trace_bytes_on_disk"]
     assert 0 < sizes["light"] < sizes["full"]
+
+
+def test_benchmarks_readme_quotes_the_committed_results():
+    """The results section is rendered from benchmarks/results/*.json (python -m benchmarks.report --write)."""
+    from benchmarks import report
+
+    assert report.README.read_text() == report.updated_readme(), "run: python -m benchmarks.report --write"

@@ -101,3 +101,54 @@ def test_host_memory_while_loading_stays_below_one_shard(tmp_path):
     print(f"model {m['model'] / 1e6:.0f} MB, largest shard {shard_bytes / 1e6:.0f} MB, "
           f"peak RSS above baseline + model: {overhead / 1e6:.1f} MB")
     assert overhead < shard_bytes
+
+
+def _file_digests(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_same_dtype_cpu_load_maps_the_file_and_matches_a_copying_load(tmp_path):
+    """Weights stored as the model wants them become views of the mapped file (gate/up fused in
+    place when adjacent); the logits are bit-identical to reading every tensor."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaModel(cfg)
+    init_weights(model, torch.Generator().manual_seed(0))
+    checkpoint.save_pretrained(model, tmp_path, dtype=torch.float16, max_shard_bytes=12000)
+    resolved = checkpoint.resolve(tmp_path)
+
+    def build(map_files):
+        m = LlamaModel(cfg, device="meta", dtype=torch.float16).to_empty(device="cpu")
+        reports = list(checkpoint.load_weights(m, resolved, map_files=map_files))
+        return m, reports
+
+    mapped, reports = build(True)
+    copied, copy_reports = build(False)
+    assert sum(r.tensors_mapped for r in reports) > 0 and sum(r.tensors_mapped for r in copy_reports) == 0
+    assert sum(r.tensors for r in reports) == sum(r.tensors for r in copy_reports)
+    sizes = {p.stat().st_size for p in resolved.weight_files}
+    assert mapped.embed.weight.untyped_storage().nbytes() in sizes  # a view of a whole file
+    assert copied.embed.weight.untyped_storage().nbytes() == copied.embed.weight.numel() * 2
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(mapped(ids), copied(ids))
+
+
+def test_editing_a_mapped_weight_never_writes_the_file(make_checkpoint):
+    folder, _ = make_checkpoint(dtype=torch.float16, shard_size="60KB")
+    before = _file_digests(folder)
+    llm = tracer.load(folder, device="cpu", dtype="float16", progress=False)
+    assert sum(e.tensors_mapped for e in llm.load_trace.of("load_shard")) > 0
+    with torch.no_grad():
+        for p in llm.model.parameters():
+            p.fill_(0.5)
+    del llm
+    assert _file_digests(folder) == before
+
+
+def test_a_cast_load_maps_nothing(make_checkpoint):
+    folder, _ = make_checkpoint(dtype=torch.float16, shard_size="60KB")
+    llm = tracer.load(folder, device="cpu", dtype="float32", progress=False)
+    assert sum(e.tensors_mapped for e in llm.load_trace.of("load_shard")) == 0

@@ -289,7 +289,8 @@ def load(
     """Load a Llama checkpoint (a folder or hub repo id; None = the embedded default model).
 
     The model is built on the meta device (no memory), allocated once on the target device in
-    the target dtype, then filled shard by shard, tensor by tensor. Each stage is a trace event in
+    the target dtype, then filled shard by shard, tensor by tensor (on the CPU, weights stored in
+    the target dtype are mapped from the file instead of copied). Each stage is a trace event in
     ``llm.load_trace``. ``compile=True`` makes untraced generation (capture="off") use a
     torch.compile'd decode step (:meth:`LlamaModel.step`); it compiles on first use.
     """
@@ -325,6 +326,7 @@ def load(
             bytes_on_disk=report.bytes_on_disk, num_tensors=report.tensors,
             bytes_read=report.bytes_read, bytes_in_memory=report.bytes_in_memory,
             casts=report.casts, device=report.device, dtype=report.dtype, unexpected=report.unexpected,
+            tensors_mapped=report.tensors_mapped,
         ))
         if bar is not None:
             bar.update(1)

@@ -9,11 +9,18 @@ Loading reads each safetensors file by hand (8-byte header length, JSON header, 
 tensor at a time, straight into the model's (already allocated) parameter or into a one-tensor
 buffer that is cast and moved. So host memory stays bounded by about one tensor, every header is
 checked before any byte is trusted, and a truncated or corrupt file is named in the error.
+
+On the CPU, a parameter whose bytes lie in the file exactly as the model wants them (same dtype,
+and for a fused one its parts adjacent and in order, as gate_proj and up_proj usually are) becomes
+a view of the memory-mapped file instead of a copy: nothing is read until first use, and the pages
+are shared with the OS page cache. That is how transformers loads too. The mapping is private
+(copy-on-write): editing a weight in memory never writes to the file.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -392,13 +399,17 @@ class ShardReport:
     dtype: str = ""
     seconds: float = 0.0
     unexpected: list[str] = field(default_factory=list)
+    tensors_mapped: int = 0  # of ``tensors``: views of the memory-mapped file, not copies
 
 
-def load_weights(model: torch.nn.Module, resolved: ResolvedCheckpoint) -> Iterator[ShardReport]:
+def load_weights(
+    model: torch.nn.Module, resolved: ResolvedCheckpoint, *, map_files: bool = True
+) -> Iterator[ShardReport]:
     """Fill ``model`` (allocated, e.g. by ``to_empty``) from the checkpoint, yielding per shard.
 
     Checks every tensor's shape against the config, then after the last shard that every expected
     tensor was seen; unexpected tensors produce a warning and are ignored (never silently used).
+    With ``map_files`` (and a CPU model), parameters stored as-is become views of the mapped file.
     """
     cfg: LlamaConfig = model.config
     layout = checkpoint_layout(cfg)
@@ -413,29 +424,38 @@ def load_weights(model: torch.nn.Module, resolved: ResolvedCheckpoint) -> Iterat
         entries = read_header(path)
         if resolved.weight_map is not None:
             _check_index_agrees(resolved, path, entries)
+        parts: dict[str, list[tuple[Slot, TensorEntry]]] = {}  # our parameter -> its pieces here
+        for name, entry in entries.items():
+            slot = layout.get(name)
+            if slot is None:
+                if not name.endswith(DERIVED_SUFFIXES) and not (
+                    name == "lm_head.weight" and cfg.tie_word_embeddings
+                ):
+                    unexpected.append(name)
+                    report.unexpected.append(name)
+                continue
+            if entry.shape != slot.shape:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has shape {list(entry.shape)}, but config.json "
+                    f"implies {list(slot.shape)}: the weights do not match the config"
+                )
+            if not entry.dtype.is_floating_point:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry.dtype}, expected a float type")
+            parts.setdefault(slot.param, []).append((slot, entry))
+            seen.add(name)
         with open(path, "rb") as f:
+            mapped = _map_file(f) if map_files and model.device.type == "cpu" else None
             with torch.no_grad():
-                for name, entry in entries.items():
-                    slot = layout.get(name)
-                    if slot is None:
-                        if not name.endswith(DERIVED_SUFFIXES) and not (
-                            name == "lm_head.weight" and cfg.tie_word_embeddings
-                        ):
-                            unexpected.append(name)
-                            report.unexpected.append(name)
+                for pname, pieces in parts.items():
+                    param = params[pname]
+                    view = _view_in_file(mapped, param, pieces) if mapped is not None else None
+                    if view is not None:
+                        param.data = view  # the untouched allocation it replaces is freed
+                        _account(report, [e for _, e in pieces], param, mapped=True)
                         continue
-                    if entry.shape != slot.shape:
-                        raise CheckpointError(
-                            f"{path}: tensor {name!r} has shape {list(entry.shape)}, but config.json "
-                            f"implies {list(slot.shape)}: the weights do not match the config"
-                        )
-                    if not entry.dtype.is_floating_point:
-                        raise CheckpointError(
-                            f"{path}: tensor {name!r} has dtype {entry.dtype}, expected a float type"
-                        )
-                    dest = params[slot.param].data[slot.row0 : slot.row0 + slot.shape[0]]
-                    _fill(f, entry, path, dest, report)
-                    seen.add(name)
+                    for slot, entry in pieces:
+                        dest = param.data[slot.row0 : slot.row0 + slot.shape[0]]
+                        _fill(f, entry, path, dest, report)
         report.seconds = time.perf_counter() - started
         yield report
     missing = [k for k in layout if k not in seen]
@@ -463,15 +483,52 @@ def _check_index_agrees(resolved: ResolvedCheckpoint, path: Path, entries: dict)
         )
 
 
+def _map_file(f) -> torch.Tensor | None:
+    """The whole file as a uint8 tensor over a private (copy-on-write) memory map, or None where
+    mapping is not possible (then every tensor is read)."""
+    try:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    return torch.frombuffer(mm, dtype=torch.uint8)  # keeps the map alive while any view lives
+
+
+def _view_in_file(
+    mapped: torch.Tensor, param: torch.Tensor, pieces: list[tuple[Slot, TensorEntry]]
+) -> torch.Tensor | None:
+    """``param`` as a view of the mapped file, if its bytes lie there exactly as it wants them:
+    same dtype, every row covered, and the pieces (q, k, v or gate, up) adjacent and in order."""
+    pieces = sorted(pieces, key=lambda p: p[0].row0)
+    first = pieces[0][1]
+    size = param.element_size()
+    if first.begin % size or not param.is_contiguous():
+        return None
+    row, at = 0, first.begin
+    for slot, entry in pieces:
+        if entry.dtype != param.dtype or slot.row0 != row or entry.begin != at:
+            return None
+        row, at = row + slot.shape[0], at + entry.nbytes
+    if row != param.shape[0] or at - first.begin != param.numel() * size:
+        return None
+    return mapped[first.begin : at].view(param.dtype).view(param.shape)
+
+
+def _account(report: ShardReport, entries: list[TensorEntry], dest: torch.Tensor, *, mapped: bool) -> None:
+    report.tensors += len(entries)
+    report.bytes_read += sum(e.nbytes for e in entries)
+    report.bytes_in_memory += sum(e.nbytes for e in entries) // entries[0].dtype.itemsize * dest.element_size()
+    if mapped:
+        report.tensors_mapped += len(entries)
+    for e in entries:
+        if e.dtype != dest.dtype:
+            key = f"{str(e.dtype).replace('torch.', '')}->{str(dest.dtype).replace('torch.', '')}"
+            report.casts[key] = report.casts.get(key, 0) + 1
+
+
 def _fill(f, entry: TensorEntry, path: Path, dest: torch.Tensor, report: ShardReport) -> None:
     """Copy one tensor into ``dest``: straight into it when dtype and device allow, else through
     a one-tensor buffer that ``copy_`` casts and moves."""
-    report.tensors += 1
-    report.bytes_read += entry.nbytes
-    report.bytes_in_memory += dest.numel() * dest.element_size()
-    if entry.dtype != dest.dtype:
-        key = f"{str(entry.dtype).replace('torch.', '')}->{str(dest.dtype).replace('torch.', '')}"
-        report.casts[key] = report.casts.get(key, 0) + 1
+    _account(report, [entry], dest, mapped=False)
     if dest.device.type == "cpu" and entry.dtype == dest.dtype and dest.is_contiguous() and entry.nbytes:
         _read_into(f, entry, path, dest.view(-1).view(torch.uint8))
     else:

@@ -329,7 +329,12 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, device=None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        # _weight skips nn.Embedding's random init: the loader (or init_weights) fills it, and
+        # normal_ on the meta device would import torch._dynamo, about 2 s of a first load.
+        self.embed = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size,
+            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype),
+        )
         self.blocks = nn.ModuleList(Block(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         # Tied embeddings: the output projection reuses the input embedding matrix.

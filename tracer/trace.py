@@ -122,6 +122,7 @@ class LoadShardEvent(Event):
     device: str = ""
     dtype: str = ""
     unexpected: list[str] = field(default_factory=list)
+    tensors_mapped: int = 0  # of num_tensors: views of the memory-mapped file (CPU, same dtype)
 
 
 @dataclass

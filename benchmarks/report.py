@@ -1,0 +1,100 @@
+"""Render the results section of benchmarks/README.md from the JSON files in benchmarks/results/.
+
+    python -m benchmarks.report          # print the section
+    python -m benchmarks.report --write  # replace it in benchmarks/README.md
+
+The README quotes the committed JSON, never hand-copied numbers; tests/test_benchmarks.py fails
+when the two drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .speed import table
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+RESULTS = HERE / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+TITLES = {
+    "embedded": "Embedded model",
+    "llama-1b": "Llama-3.2-1B shapes (random weights)",
+    "llama2-7b": "Llama-2-7B shapes (random weights)",
+}
+
+
+def speed_section(path: Path) -> str:
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    threads = m["torch_threads"]
+    title = f"{TITLES.get(r['model']['name'], r['model']['name'])}, {r['dtype']}, {m['device']}, " \
+            f"{threads} thread{'s' if threads != 1 else ''}"
+    agree = r["decode"]["greedy_tokens_agree_with_transformers"]
+    lines = [
+        f"### {title}: `results/{path.name}`",
+        "",
+        f"Measured {r.get('date', '?')}. Greedy tokens equal to transformers' for the first "
+        f"{agree['leading_equal']} of {agree['of']}; all our variants identical: "
+        f"{agree['ours_variants_identical']}."
+        + (f" Compile time (once): {r['compile_seconds']:.0f} s." if "compile_seconds" in r else ""),
+        "",
+        table(r),
+    ]
+    return "\n".join(lines)
+
+
+def trace_cost_section(path: Path) -> str:
+    r = json.loads(path.read_text())
+    med = r["median_tokens_per_s"]
+    lines = [
+        f"### Cost of tracing, embedded model, {r['dtype']}, {r['threads']} threads: `results/{path.name}`",
+        "",
+        f"`python -m benchmarks.trace_cost --repeats {r['repeats']}`: {r['new_tokens']} new tokens, "
+        f"{r['repeats']} interleaved rounds; full keeps {', '.join(r['full_points'])}.",
+        "",
+        "| run | tok/s (median) |",
+        "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in med.items()],
+        "",
+        "| ratio | of medians | median per round | lowest, highest per round |",
+        "|---|---|---|---|",
+    ]
+    for k, v in r["ratios"].items():
+        rounds = r["per_round_ratios"][k]
+        lines.append(f"| {k} | {v:.3f} | {r['per_round_ratio_medians'][k]:.3f} | {rounds[0]:.3f}, {rounds[-1]:.3f} |")
+    sizes = r["trace_bytes_on_disk"]
+    lines += ["", "Trace size on disk: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()) + "."]
+    return "\n".join(lines)
+
+
+def render() -> str:
+    parts = []
+    for path in sorted(RESULTS.glob("*.json")):
+        r = json.loads(path.read_text())
+        parts.append(trace_cost_section(path) if "trace_bytes_on_disk" in r else speed_section(path))
+    return "\n\n".join(parts)
+
+
+def updated_readme() -> str:
+    text = README.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n\n{render()}\n\n{END}{tail}"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="replace the section in benchmarks/README.md")
+    args = ap.parse_args(argv)
+    if args.write:
+        README.write_text(updated_readme())
+    else:
+        print(render())
+
+
+if __name__ == "__main__":
+    main()
