@@ -116,6 +116,18 @@ def test_static_step_equals_forward_with_the_cache(tiny_model_and_ids):
 
 
 @torch.inference_mode()
+def test_static_step_in_float16_stays_close_to_forward(tiny_model_and_ids):
+    model, ids = tiny_model_and_ids
+    model = small_model(num_key_value_heads=model.config.num_key_value_heads).half()
+    a, b = _prefilled(model, ids, len(ids) + 3), _prefilled(model, ids, len(ids) + 3)
+    token = torch.tensor([[5]])
+    want = model(token, a, last_only=True)[:, -1].float()
+    got = model.step(token, torch.tensor([len(ids)]), b).float()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@torch.inference_mode()
 def test_static_step_with_a_pattern_hook_masks_unwritten_slots(tiny_model_and_ids):
     model, ids = tiny_model_and_ids
     cache = _prefilled(model, ids, len(ids) + 4)
