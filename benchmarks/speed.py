@@ -175,10 +175,15 @@ def load_once(which: str, folder, device: str, dtype: str) -> dict:
     base = rss_bytes()
     sampler = RssSampler() if not reset else None
     t0 = time.perf_counter()
+    # "Ready" means ready to generate text: model and tokenizer, as the walkthrough's
+    # from_pretrained pair (tracer.load returns both).
     if which == "ours":
         model = tracer.load(str(folder), device=device, dtype=dtype, progress=False).model
     else:
+        from transformers import AutoTokenizer
+
         model = hf_load(folder, dtype, device)
+        AutoTokenizer.from_pretrained(folder)
     sync(dev)
     seconds = time.perf_counter() - t0
     # transformers maps the safetensors files and reads weights on first use: "ready" is only
@@ -226,7 +231,9 @@ def load_worker(which: str, folder: str, device: str, dtype: str) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    import sentencepiece  # noqa: F401  (imports are the baseline, for both loaders)
+    import tokenizers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     if torch.device(device).type == "cuda":
