@@ -1,6 +1,7 @@
 """The Decoder (tracer/generate.py): every capture policy makes the same tokens, exactly."""
 
 import pytest
+import torch
 
 import tracer
 
@@ -34,3 +35,21 @@ def test_policies_agree_on_tokens(embedded_fp16):
                                      top_k=40, top_p=0.95, repetition_penalty=1.1, capture=capture,
                                      **kw).new_ids
     assert runs["off"] == runs["light"] == runs["full"]
+
+
+def test_rank_and_probability_of_a_forced_token_outside_the_top_k(embedded_fp16):
+    """Inside the recorded top-k the rank is read on the host; outside it the device is asked."""
+    from tracer import sampling
+
+    llm = embedded_fp16
+    ids = llm.tokenizer.encode("Once upon a time")
+    dec = llm.decoder(ids, max_new_tokens=2, capture="light", do_sample=False)
+    logits = llm.logits(ids)[-1]
+    final = sampling.stage_scores(logits[None], torch.tensor([ids]), dec.settings)["final"][0]
+    for token in (int(final.argmax()), int(final.argmin())):
+        dec = llm.decoder(ids, max_new_tokens=2, capture="light", do_sample=False)
+        dec.step(force_id=token)
+        ev = dec.trace.of("sample")[-1]
+        assert ev.chosen_rank == int((final > final[token]).sum())
+        assert ev.chosen_prob == pytest.approx(float(final[token]), rel=1e-3, abs=1e-9)
+    assert ev.chosen_rank > dec.capture.top_k  # the second one really was outside the list

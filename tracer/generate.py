@@ -227,9 +227,7 @@ class Decoder:
             token = sampling.choose(pick[None], do_sample=s.do_sample, generator=self.generator)[0]
         else:
             token = torch.tensor(force_id, device=probs.device)
-        chosen_p = probs[token]
-        rank = (probs > chosen_p).sum(dtype=probs.dtype)  # float, to share the step's one host copy
-        token_id, prob, rank_i = self._record_sample(stages, token, chosen_p, rank, step, force_id, started, t0)
+        token_id, prob, rank_i = self._record_sample(stages, token, step, force_id, started, t0)
         return self._append(StepRecord(step, token_id, prob, rank_i, force_id is not None))
 
     def _sample_untraced(self, logits, prev, force_id, step) -> StepRecord:
@@ -257,7 +255,7 @@ class Decoder:
             self.finish_reason = "max_new_tokens"
         return record
 
-    def _record_sample(self, stages, token, chosen_p, rank, step, force_id, started, t0):
+    def _record_sample(self, stages, token, step, force_id, started, t0):
         logits = stages["raw"][0]
         k = min(self.capture.top_k, logits.shape[-1])
         # Rank every distinct score stage in one topk call (greedy passes one tensor through
@@ -274,14 +272,14 @@ class Decoder:
         probs = stages["final"] if len(rows_v) == 1 else torch.softmax(scores, dim=-1)  # [U, V]
         top_p = probs.gather(-1, top.indices)
         f = top.values.dtype
-        n_left = (stages["final"][0] > 0).sum(dtype=f)
+        n_left = torch.count_nonzero(stages["final"][0]).to(f)
         # A sum is finite if every logit is (barring fp32 overflow, which the exact check clears).
-        extra = torch.stack([token.to(f), chosen_p, rank, n_left, logits.sum()])
+        extra = torch.stack([token.to(f), n_left, logits.sum()])
         # One device -> host copy per step for everything the event shows.
         host = torch.cat([top.indices.to(f).flatten(), top.values.flatten(), top_p.flatten(), extra]).tolist()
         if not math.isfinite(host[-1]):
             self._check_finite(logits, step)
-        token_id, prob, rank_i, n_left_i = int(host[-5]), host[-4], int(host[-3]), int(host[-2])
+        token_id, n_left_i = int(host[-3]), int(host[-2])
         U = len(distinct)
         rows = []
         for r in range(U):
@@ -296,6 +294,14 @@ class Decoder:
         # softmax keeps the order: final's top-k is the last score stage's, its scores the probs.
         ids, _, probs = rows[row_of[id(stages[names[-1]])]]
         stage_table["final"] = {"ids": ids, "scores": probs, "probs": probs}
+        if token_id in ids:
+            # Every token more likely than one in the top-k is in the top-k too: rank on the host.
+            prob = probs[ids.index(token_id)]
+            rank_i = sum(p > prob for p in probs)
+        else:  # a forced or unlikely draw outside the top-k: ask the device (one more sync)
+            final = stages["final"][0]
+            prob = float(final[token_id])
+            rank_i = int((final > prob).sum())
         if self._settings_json[0] is not self.settings:  # settings are frozen: convert once per change
             self._settings_json = (self.settings, asdict(self.settings))
         event = SampleEvent(
