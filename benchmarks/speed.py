@@ -497,7 +497,7 @@ def run(args) -> dict:
         "matmuls_only": lambda: matmuls_only(model, new_tokens),
     }
     if args.compile:
-        # The same model, with the opt-in compiled forward that capture="off" uses.
+        # The same model, with the opt-in compiled decode step that capture="off" uses.
         fast = Llama(model, llm.tokenizer, llm.defaults, llm.resolved, llm.load_trace)
         fast.compile_step()  # what tracer.load(compile=True) does
         log("compiling (first call) ...")
@@ -651,7 +651,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--compile", action="store_true",
-                    help="also time the opt-in compiled forward (tracer.load(compile=True)) for capture off")
+                    help="also time the opt-in compiled decode step (tracer.load(compile=True)) for capture off")
     ap.add_argument("--load-worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
