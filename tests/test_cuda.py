@@ -44,3 +44,10 @@ def test_cuda_trace_reloads_on_cpu(tiny_checkpoint, tmp_path):
     back = tracer.Trace.load(gen.trace.save(tmp_path / "t"))
     assert back.stages == gen.trace.stages
     assert all(t.device.type == "cpu" for e in back.events for t in e.tensors.values())
+
+
+def test_cuda_compiled_step_makes_the_eager_tokens(tiny_checkpoint):
+    eager = tracer.load(tiny_checkpoint, device="cuda", dtype="float16", progress=False)
+    fast = tracer.load(tiny_checkpoint, device="cuda", dtype="float16", progress=False, compile=True)
+    kw = dict(max_new_tokens=16, do_sample=False, capture="off")
+    assert fast.generate("The people", **kw).new_ids == eager.generate("The people", **kw).new_ids
