@@ -43,6 +43,7 @@ from tracer.api import Llama
 from tracer.checkpoint import save_pretrained
 from tracer.config import LlamaConfig, RopeConfig
 from tracer.model import LlamaModel, init_weights
+from tracer.train_tiny.pipeline import cpu_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -137,16 +138,6 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 
 def median(xs):
     return statistics.median(xs) if xs else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def rss_bytes(field: str = "VmRSS") -> int:

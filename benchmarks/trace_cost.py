@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import tracer
+from tracer.train_tiny.pipeline import cpu_model
 
 FULL_POINTS = ("blocks.0.attn.pattern", "blocks.*.resid_post", "logits")
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         "model": str(llm.resolved.source),
         "device": "cpu",
         "dtype": "float32",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "new_tokens": n,
