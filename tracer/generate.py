@@ -262,15 +262,13 @@ class Decoder:
         # several stages). "final" is the softmax of the last score stage, so it shares its ranking
         # and serves as that stage's probabilities.
         names = sampling.STAGES[:-1]
-        row_of: dict[int, int] = {}
-        for n in names:
-            row_of.setdefault(id(stages[n]), len(row_of))
         distinct = {id(stages[n]): stages[n][0] for n in names}  # insertion order = row order
+        row_of = {key: i for i, key in enumerate(distinct)}
         rows_v = list(distinct.values())
         scores = rows_v[0][None] if len(rows_v) == 1 else torch.stack(rows_v)  # [U, V]
         top = torch.topk(scores, k)  # [U, k]
-        probs = stages["final"] if len(rows_v) == 1 else torch.softmax(scores, dim=-1)  # [U, V]
-        top_p = probs.gather(-1, top.indices)
+        softmaxes = stages["final"] if len(rows_v) == 1 else torch.softmax(scores, dim=-1)  # [U, V]
+        top_p = softmaxes.gather(-1, top.indices)
         f = top.values.dtype
         n_left = torch.count_nonzero(stages["final"][0]).to(f)
         # A sum is finite if every logit is (barring fp32 overflow, which the exact check clears).
@@ -365,14 +363,13 @@ class Decoder:
 
 
 def _cache_summary(cache: KVCache) -> dict:
-    L, B, Hkv, max_len, hd = cache.k.shape
-    per_position = 2 * L * B * Hkv * hd * cache.k.element_size()  # K and V, every layer
+    _, B, Hkv, _, hd = cache.k.shape
     return {
         "length": cache.length,
         "max_len": cache.max_len,
         "shape_per_layer": [B, Hkv, cache.length, hd],
-        "bytes_used": per_position * cache.length,
-        "bytes_allocated": per_position * max_len,
+        "bytes_used": cache.bytes_used(),
+        "bytes_allocated": cache.bytes_allocated,
     }
 
 

@@ -142,8 +142,7 @@ class KVCache:
 
     def bytes_used(self) -> int:
         """Bytes of the positions written so far (K and V, all layers)."""
-        per_pos = self.k[:, :, :, :1].numel() * self.k.element_size() * 2
-        return per_pos * self.length
+        return self.bytes_allocated // self.max_len * self.length  # arithmetic: read per traced step
 
     @property
     def bytes_allocated(self) -> int:
