@@ -102,8 +102,8 @@ def test_static_step_equals_forward_with_the_cache(tiny_model_and_ids):
     logits of forward(token, cache) and writes the same keys and values, step after step."""
     model, ids = tiny_model_and_ids
     a, b = _prefilled(model, ids, len(ids) + 6), _prefilled(model, ids, len(ids) + 6)
-    b.k[:, :, :, len(ids):] = 1e3  # stale slots beyond the position must not matter
-    b.v[:, :, :, len(ids):] = 1e3
+    for t in b.keys + b.values:
+        t[:, :, len(ids):] = 1e3  # stale slots beyond the position must not matter
     token = torch.tensor([[5]])
     for _ in range(5):
         start = a.length

@@ -363,7 +363,7 @@ class Decoder:
 
 
 def _cache_summary(cache: KVCache) -> dict:
-    _, B, Hkv, _, hd = cache.k.shape
+    B, Hkv, _, hd = cache.keys[0].shape
     return {
         "length": cache.length,
         "max_len": cache.max_len,

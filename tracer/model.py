@@ -91,25 +91,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [L, B, Hkv, max_len, hd] each.
+    """Preallocated keys and values, one [B, Hkv, max_len, hd] tensor per layer for each.
 
     Sized for the length a generation asks for, not for ``max_position_embeddings`` (a Llama 3
     config says 131072). ``length`` counts the positions already written; a decode step writes
-    position ``length`` and attends to ``[0, length]``.
+    position ``length`` and attends to ``[0, length]``. One tensor per layer (not one [L, ...]
+    block) lets a compiled step write each layer's slot in place: a write into a slice of one
+    shared block makes torch.compile copy the whole block every step.
     """
 
     def __init__(
         self, cfg: LlamaConfig, max_len: int, *, batch: int = 1, device=None, dtype=torch.float32
     ) -> None:
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0
         # RoPE tables for every position this cache can hold, computed once.
         inv_freq = rope_inv_freq(cfg, max_len)
         positions = torch.arange(max_len, device=device)
         self.cos, self.sin = rope_cos_sin(inv_freq, positions, dtype)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Every layer's keys stacked, [L, B, Hkv, max_len, hd] (a copy, for inspection)."""
+        return torch.stack(self.keys)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Every layer's values stacked, [L, B, Hkv, max_len, hd] (a copy, for inspection)."""
+        return torch.stack(self.values)
 
     def update(
         self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -119,14 +131,15 @@ class KVCache:
         A tensor ``start`` (one position, :meth:`LlamaModel.step`) writes there and returns every
         slot [B, Hkv, max_len, hd], so that the shapes do not depend on the position.
         """
+        keys, values = self.keys[layer], self.values[layer]
         if isinstance(start, torch.Tensor):
-            self.k[layer].index_copy_(2, start, k)
-            self.v[layer].index_copy_(2, start, v)
-            return self.k[layer], self.v[layer]
+            keys.index_copy_(2, start, k)
+            values.index_copy_(2, start, v)
+            return keys, values
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def truncate(self, length: int) -> None:
         """Forget positions >= ``length`` (used to branch from an earlier step)."""
@@ -135,7 +148,8 @@ class KVCache:
     def clone(self) -> KVCache:
         """An independent copy (for branching generation)."""
         other = object.__new__(KVCache)
-        other.k, other.v = self.k.clone(), self.v.clone()
+        other.keys = [t.clone() for t in self.keys]
+        other.values = [t.clone() for t in self.values]
         other.max_len, other.length = self.max_len, self.length
         other.cos, other.sin = self.cos, self.sin  # read-only tables are shared
         return other
@@ -146,7 +160,8 @@ class KVCache:
 
     @property
     def bytes_allocated(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        first = self.keys[0]
+        return 2 * len(self.keys) * first.numel() * first.element_size()
 
 
 # ---------------------------------------------------------------------------------------------
