@@ -31,6 +31,7 @@ def test_wheel_contains_the_embedded_checkpoint(wheel):
         assert required in embedded, required
     assert len([n for n in embedded if n.endswith(".safetensors")]) >= 2
     assert "tracer/viz/widgets.py" in names and "tracer/cli.py" in names
+    assert "tracer/kernels/matvec.c" in names  # built at first use (tracer/matvec.py)
 
 
 def test_load_from_the_unpacked_wheel_not_the_source_tree(wheel, tmp_path):
@@ -40,8 +41,13 @@ def test_load_from_the_unpacked_wheel_not_the_source_tree(wheel, tmp_path):
         "import tracer, pathlib\n"
         f"assert pathlib.Path(tracer.__file__).is_relative_to({str(site)!r}), tracer.__file__\n"
         "llm = tracer.load(device='cpu', progress=False)\n"
+        "print(llm.load_trace.meta['matvec'])\n"
         "print(llm.generate('It is a truth universally', max_new_tokens=3, do_sample=False).text)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
+    from tracer import matvec
+
+    # The kernel's source ships in the wheel and builds from there (into $HOME/.cache).
+    assert proc.stdout.splitlines()[0] == ("kernel" if matvec.kernel().available else "torch")

@@ -285,6 +285,7 @@ def load(
     token: str | bool | None = None,
     progress: bool = True,
     compile: bool = False,
+    matvec: str = "auto",
 ) -> Llama:
     """Load a Llama checkpoint (a folder or hub repo id; None = the embedded default model).
 
@@ -293,6 +294,9 @@ def load(
     the target dtype are mapped from the file instead of copied). Each stage is a trace event in
     ``llm.load_trace``. ``compile=True`` makes untraced generation (capture="off") use a
     torch.compile'd decode step (:meth:`LlamaModel.step`); it compiles on first use.
+    ``matvec`` picks what computes batch-1 decode's one-row products on the CPU: "auto" (our
+    AVX2 kernel where it can be built, see ``tracer.matvec``), "kernel" or "torch"
+    (:meth:`LlamaModel.set_matvec`); ``llm.load_trace.meta["matvec"]`` says which is in use.
     """
     trace = Trace()
     dev = pick_device(device)
@@ -340,7 +344,8 @@ def load(
             f"table has only {cfg.vocab_size} rows (config.json vocab_size): they do not belong together"
         )
     defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
-    trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname)
+    trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname,
+                      matvec=model.set_matvec(matvec))
     llm = Llama(model, tokenizer, defaults, resolved, trace)
     if compile:
         llm.compile_step()

@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import LlamaConfig
 from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
+from .matvec import Linear, fits, kernel, matvec_unchecked
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (math as small functions)
@@ -242,11 +243,11 @@ class Attention(nn.Module):
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         # q_proj, k_proj, v_proj fused into one [H*hd + 2*Hkv*hd, D] matrix: one matmul, not three.
-        self.wqkv = nn.Linear(
+        self.wqkv = Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias,
             device=device, dtype=dtype,
         )
-        self.wo = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.wo = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.hook_q, self.hook_k, self.hook_v, self.hook_pattern, self.hook_z, self.hook_out = (
             HookPoint(block_point(layer, p))
@@ -315,8 +316,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, device=None, dtype=None) -> None:
         super().__init__()
         self.ffn = cfg.intermediate_size
-        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * self.ffn, bias=cfg.mlp_bias, device=device, dtype=dtype)
-        self.w_down = nn.Linear(self.ffn, cfg.hidden_size, bias=cfg.mlp_bias, device=device, dtype=dtype)
+        self.w_gate_up = Linear(cfg.hidden_size, 2 * self.ffn, bias=cfg.mlp_bias, device=device, dtype=dtype)
+        self.w_down = Linear(self.ffn, cfg.hidden_size, bias=cfg.mlp_bias, device=device, dtype=dtype)
         self.hook_act = HookPoint(block_point(layer, "mlp.act"))
         self.hook_out = HookPoint(block_point(layer, "mlp.out"))
 
@@ -373,8 +374,9 @@ class LlamaModel(nn.Module):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         )
+        self.use_kernel = False  # see set_matvec
         self.hook_embed = HookPoint("embed")
         self.hook_final_norm = HookPoint("final_norm")
         self.hook_logits = HookPoint("logits")
@@ -398,7 +400,31 @@ class LlamaModel(nn.Module):
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """final_norm then lm_head — also what the logit lens applies to each layer's residual."""
-        return F.linear(self.final_norm(h), self.output_weight())
+        return self._lm_head(self.final_norm(h))
+
+    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.output_weight()
+        return matvec_unchecked(h, w) if self.use_kernel and fits(h, w) else F.linear(h, w)
+
+    def set_matvec(self, mode: str = "auto") -> str:
+        """Choose what computes one-row products (batch-1 decode): "auto", "kernel" or "torch".
+
+        "kernel" (and "auto" where it can be built: x86-64 with AVX2 and a C compiler) runs them
+        on ``matvec.c``, which reads weights at the memory's rate on the CPU; "torch" keeps
+        ``F.linear`` everywhere. Prompts (several rows) and GPU tensors always use torch.
+        Returns what is in use: "kernel" or "torch".
+        """
+        if mode not in ("auto", "kernel", "torch"):
+            raise ValueError(f"matvec must be 'auto', 'kernel' or 'torch', not {mode!r}")
+        k = kernel()
+        if mode == "kernel" and not k.available:
+            raise RuntimeError(f"matvec='kernel' asked for, but {k.reason}")
+        use = mode != "torch" and k.available and self.device.type == "cpu"
+        self.use_kernel = use
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.use_kernel = use
+        return "kernel" if use else "torch"
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         """A KV cache on this model's device and dtype for ``max_len`` positions."""
@@ -436,7 +462,7 @@ class LlamaModel(nn.Module):
         if last_only:
             h = h[:, -1:]  # [B, 1, D]
         h = self.hook_final_norm(self.final_norm(h))
-        return self.hook_logits(F.linear(h, self.output_weight()))  # [B, T, V]
+        return self.hook_logits(self._lm_head(h))  # [B, T, V]
 
     def step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one decode token [B, 1] at ``position`` (a [1] long tensor).
@@ -454,7 +480,7 @@ class LlamaModel(nn.Module):
         for block in self.blocks:
             h = block(h, cos, sin, position, cache)
         h = self.hook_final_norm(self.final_norm(h))
-        return self.hook_logits(F.linear(h, self.output_weight()))[:, -1]  # [B, V]
+        return self.hook_logits(self._lm_head(h))[:, -1]  # [B, V]
 
 
 @torch.no_grad()

@@ -1,0 +1,188 @@
+"""tracer/matvec.py: the one-row product kernel, its build, and when the model uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tracer
+from tracer import matvec
+
+KERNEL = matvec.kernel()
+needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Worst elementwise difference from a float64 product, in units of the output's spacing (eps *
+# |y| + eps * sum|w x|): one rounding of the result plus float32 summation error.
+ULP = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (w.double() @ x.double().reshape(-1))
+
+
+def _assert_close_to_exact(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    exact = _reference(x, w)
+    scale = (w.double().abs() @ x.double().abs().reshape(-1))
+    bound = ULP[w.dtype] * exact.abs() + 2**-20 * scale + 1e-30
+    err = (got.double().reshape(-1) - exact).abs()
+    assert bool((err <= bound).all()), f"worst {float((err / bound).max()):.2f} x the bound"
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 67), k=st.integers(1, 70), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 99)
+)
+def test_kernel_matches_the_exact_product_for_any_shape(n, k, dtype, seed):
+    """Every row count (groups of four and the remainder) and column count (lanes of eight and
+    the tail), in each storage dtype: one rounding away from the float64 product."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(k, generator=g).to(dtype)
+    out = torch.empty(n, dtype=dtype)
+    _assert_close_to_exact(KERNEL.run(x, w, out), x, w)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_agrees_with_torch_on_model_shapes(dtype):
+    """matvec.linear on a decode-shaped input is F.linear up to summation order."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(1408, 256, generator=g) * 0.05).to(dtype)
+    x = torch.randn(1, 1, 256, generator=g).to(dtype)
+    with torch.inference_mode():
+        assert matvec.fits(x, w)
+        got = matvec.linear(x, w)
+        want = F.linear(x, w)
+    assert got.shape == want.shape == (1, 1, 1408) and got.dtype == dtype
+    _assert_close_to_exact(got, x, w)
+    torch.testing.assert_close(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_propagate(dtype):
+    """A NaN in the activations must reach the logits, where the decoder reports it."""
+    w = torch.ones(64, 128, dtype=dtype)
+    x = torch.ones(128, dtype=dtype)
+    x[5] = float("nan")
+    assert torch.isnan(KERNEL.run(x, w, torch.empty(64, dtype=dtype))).all()
+    x[5] = float("inf")
+    assert torch.isposinf(KERNEL.run(x, w, torch.empty(64, dtype=dtype))).all()
+
+
+@needs_kernel
+def test_result_does_not_depend_on_the_thread_count():
+    """Each row is summed by one thread in a fixed order: bit-identical with 1 or 2 threads."""
+    w = torch.randn(4099, 300).half()
+    x = torch.randn(300).half()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = KERNEL.run(x, w, torch.empty(4099, dtype=torch.half))
+        torch.set_num_threads(2)
+        two = KERNEL.run(x, w, torch.empty(4099, dtype=torch.half))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_fits_only_one_row_inference_products():
+    w = torch.randn(128, 64)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        assert matvec.fits(x, w)
+        assert not matvec.fits(torch.randn(2, 64), w)  # two rows: torch's matmul
+        assert not matvec.fits(x, w, torch.zeros(128))  # bias
+        assert not matvec.fits(x.half(), w)  # mixed dtypes
+        assert not matvec.fits(x.double(), w.double())  # no float64 kernel
+        assert not matvec.fits(x, w.t().contiguous().t())  # column-major weight
+        assert not matvec.fits(torch.randn(1, 8), torch.randn(4, 8))  # too small to matter
+        assert not matvec.fits(x.to("meta"), w.to("meta"))  # not on the CPU
+    # Under autograd the kernel (no backward) is never used.
+    assert not matvec.fits(x, w.requires_grad_())
+
+
+def test_a_machine_without_a_compiler_falls_back_to_torch(monkeypatch, tmp_path):
+    """No compiler: no error, a reason, and the model keeps F.linear ("auto") or says why not."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    k = matvec.kernel.__wrapped__()
+    assert not k.available and k.reason
+    assert not list(tmp_path.glob("llama-tracer/*"))  # nothing half-built left behind
+
+
+def test_a_failing_build_leaves_no_file_and_says_why(monkeypatch, tmp_path):
+    if KERNEL.reason.startswith(("the kernel is x86-64 only", "the kernel needs AVX2")):
+        pytest.skip(KERNEL.reason)
+    cc = tmp_path / "brokencc"  # answers --version, fails to compile anything
+    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo brokencc 1.0; exit 0; }\necho "out of ink" >&2\nexit 1\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    k = matvec.kernel.__wrapped__()
+    assert not k.available
+    assert "matvec.c" in k.reason and "failed" in k.reason and "out of ink" in k.reason
+    assert list((tmp_path / "cache" / "llama-tracer").iterdir()) == []  # the temporary file is gone
+
+
+@needs_kernel
+def test_build_goes_to_the_cache_dir_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = matvec.kernel.__wrapped__()
+    built = list((tmp_path / "llama-tracer").glob("matvec-*.so"))
+    assert first.available and built == [first.path]
+    mtime = first.path.stat().st_mtime_ns
+    again = matvec.kernel.__wrapped__()
+    assert again.path == first.path and first.path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert not list((tmp_path / "llama-tracer").glob("tmp*"))  # no temporary left over
+
+
+# --- The model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_embedded_model_decodes_the_same_with_the_kernel_and_with_torch(dtype):
+    """The embedded model, greedy, 40 tokens: same ids, close logits, kernel or F.linear."""
+    llm = tracer.load(None, dtype=dtype, progress=False)
+    expected = "kernel" if KERNEL.available else "torch"
+    assert llm.load_trace.meta["matvec"] == expected
+    kw = dict(max_new_tokens=40, do_sample=False, capture="light")
+    with_kernel = llm.generate("Once upon a time", **kw)
+    assert llm.model.set_matvec("torch") == "torch"
+    with_torch = llm.generate("Once upon a time", **kw)
+    assert with_kernel.new_ids == with_torch.new_ids
+    tol = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}[dtype]
+    steps = [[e.top_logits for e in g.trace.events if e.stage == "decode_step"] for g in (with_kernel, with_torch)]
+    assert len(steps[0]) == len(steps[1]) >= 39
+    for a, b in zip(*steps):
+        assert a["ids"][:1] == b["ids"][:1]
+        torch.testing.assert_close(torch.tensor(a["values"]), torch.tensor(b["values"]), atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_every_decode_product_of_the_embedded_model_runs_on_the_kernel():
+    llm = tracer.load(None, dtype="float16", progress=False)
+    model = llm.model
+    x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16)
+    with torch.inference_mode():
+        for name, m in model.named_modules():
+            if isinstance(m, matvec.Linear):
+                assert m.use_kernel, name
+                assert matvec.fits(torch.zeros(1, 1, m.in_features, dtype=torch.float16), m.weight), name
+        assert matvec.fits(x, model.output_weight())
+
+
+def test_set_matvec_validates_its_argument(monkeypatch):
+    llm = tracer.load(None, dtype="float32", progress=False)
+    with pytest.raises(ValueError, match="'auto', 'kernel' or 'torch'"):
+        llm.model.set_matvec("fast")
+    monkeypatch.setattr(matvec, "kernel", lambda: matvec.Kernel(None, "no kernel in this test"))
+    monkeypatch.setattr("tracer.model.kernel", lambda: matvec.Kernel(None, "no kernel in this test"))
+    with pytest.raises(RuntimeError, match="no kernel in this test"):
+        llm.model.set_matvec("kernel")
+    assert llm.model.set_matvec("auto") == "torch"
+    assert not any(m.use_kernel for m in llm.model.modules() if isinstance(m, matvec.Linear))

@@ -1,0 +1,183 @@
+"""One-row matrix-vector products for batch-1 decode on the CPU (``kernels/matvec.c``).
+
+Decoding one token multiplies a single row of activations by every weight matrix, so each step
+reads every weight once: its speed limit is memory bandwidth (tokens/s <= GB/s / weight GB). On
+x86-64 CPUs with AVX2, torch's one-row product reaches about two thirds of the read rate for
+float16 and bfloat16, and its float32 one pays a large fixed cost per call on small matrices. A
+forty-line C loop (four rows at a time, 16-bit weights widened in registers, float32 sums)
+reaches the read rate; ``benchmarks/speed.py`` measures both.
+
+The kernel is built once, at first use, with the system C compiler (``$CC``, else ``cc``) into
+``$XDG_CACHE_HOME/llama-tracer`` and loaded with ctypes; no torch headers are needed. Where it
+cannot be used (not x86-64 with AVX2, no compiler, a GPU tensor, more than one row, a bias, a
+layout other than contiguous rows) :func:`linear` is exactly ``F.linear``. Results differ from
+torch's only in float32 summation order, the same size of difference as between two BLAS builds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("kernels") / "matvec.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# Below this many weights a product is a few microseconds either way; torch's call is fine.
+_MIN_WEIGHTS = 4096
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The loaded library, or why there is none (``reason``)."""
+
+    path: Path | None
+    reason: str = ""
+
+    @functools.cached_property
+    def _fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
+        lib = ctypes.CDLL(str(self.path))
+        fns = {}
+        for dtype, suffix in _SUFFIX.items():
+            fn = getattr(lib, f"matvec_{suffix}")
+            p = ctypes.c_void_p
+            fn.argtypes = [p, p, p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+            fn.restype = None
+            fns[dtype] = fn
+        return fns
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[n] = weight[n] . x, for contiguous x [K], weight [N, K], out [N] of one dtype."""
+        N, K = weight.shape
+        self._fns[weight.dtype](
+            weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads()
+        )
+        return out
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llama-tracer"
+
+
+@functools.cache
+def kernel() -> Kernel:
+    """Build (once per source and compiler) and load the kernel; never raises.
+
+    The build goes to a temporary file renamed into place, so a crash or a second process never
+    leaves half a library behind. A failure is reported in ``Kernel.reason``.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return Kernel(None, f"the kernel is x86-64 only; this machine is {platform.machine()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return Kernel(None, f"the kernel needs AVX2; torch reports CPU capability {capability}")
+    cc = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        return Kernel(None, f"no C compiler ({cc!r}: {e}); set CC to one to use the kernel")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
+    path = _cache_dir() / f"matvec-{key[:16]}.so"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+            os.close(fd)
+            try:
+                subprocess.run(
+                    [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True
+                )
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except subprocess.CalledProcessError as e:
+            return Kernel(None, f"building {SOURCE.name} with {cc} failed: {e.stderr.strip()[:500]}")
+        except OSError as e:
+            return Kernel(None, f"could not build the kernel into {path.parent}: {e}")
+    return Kernel(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile sees the kernel as one opaque operator (fused code runs around it). Registered
+# with the low-level torch.library API: torch.library.custom_op adds about 10 us of Python to each
+# call, more than a small model's product takes.
+
+_LIB = torch.library.Library("llama_tracer", "DEF")  # the registration lives as long as this module
+_LIB.define("matvec(Tensor x, Tensor weight) -> Tensor")
+
+
+def _matvec_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[:-1] + (weight.shape[0],), dtype=x.dtype)
+    return kernel().run(x.contiguous(), weight, out)
+
+
+_LIB.impl("matvec", _matvec_cpu, "CPU")
+
+
+@torch.library.register_fake("llama_tracer::matvec")
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the kernel can compute ``F.linear(x, weight, bias)``.
+
+    Only inference (no autograd) on one row of activations times a row-major CPU weight of the
+    same dtype, without bias. (Whether the kernel could be built is :func:`kernel`'s business.)
+    """
+    return (
+        bias is None
+        and x.numel() == weight.shape[-1]  # one row: batch 1, one token
+        and x.is_cpu
+        and weight.is_cpu
+        and x.dtype is weight.dtype
+        and weight.dtype in _SUFFIX
+        and weight.dim() == 2
+        and weight.numel() >= _MIN_WEIGHTS
+        and weight.is_contiguous()
+        and not torch.is_grad_enabled()
+    )
+
+
+def matvec_unchecked(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's product, for callers that checked :func:`fits` and :func:`kernel` already."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_tracer.matvec(x, weight)  # opaque to the compiler
+    return _matvec_cpu(x, weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on the kernel where it :func:`fits` and could be built."""
+    if fits(x, weight, bias) and kernel().available:
+        return matvec_unchecked(x, weight)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose one-row products may run on the kernel (``LlamaModel.set_matvec``).
+
+    ``use_kernel`` is set only once the kernel is known to be available.
+    """
+
+    use_kernel: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and fits(x, self.weight, self.bias):
+            return matvec_unchecked(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
