@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import tracer
+from tracer import matvec
 from tracer.api import Llama
 from tracer.checkpoint import save_pretrained
 from tracer.config import LlamaConfig, RopeConfig
@@ -318,17 +319,28 @@ def bare_decode(model: LlamaModel, prompt: list[int], n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def matmuls_only(model: LlamaModel, n: int) -> None:
-    """n tokens' worth of the decode matmuls and nothing else: F.linear over every weight matrix
-    once per token (a batch-1 row vector in, as in decode). The floor for any runtime built on
-    torch's matmul, on this machine and in this run."""
+def matmuls_only(model: LlamaModel, n: int, product=torch.nn.functional.linear) -> None:
+    """n tokens' worth of the decode matmuls and nothing else: ``product`` (torch's F.linear, or
+    our kernel's ``matvec.linear``) over every weight matrix once per token (a batch-1 row vector
+    in, as in decode). The floor for a runtime built on that product, on this machine and in this
+    run."""
     weights = [w for b in model.blocks for w in
                (b.attn.wqkv.weight, b.attn.wo.weight, b.mlp.w_gate_up.weight, b.mlp.w_down.weight)]
     weights.append(model.output_weight())
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], device=model.device, dtype=model.dtype) for w in weights}
     for _ in range(n):
         for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+            product(inputs[w.shape[1]], w)
+
+
+def with_matvec(model: LlamaModel, mode: str, fn):
+    """Run ``fn()`` with the model's one-row products on ``mode`` ("torch"/"kernel"), then restore."""
+    before = "kernel" if model.use_kernel else "torch"
+    model.set_matvec(mode)
+    try:
+        return fn()
+    finally:
+        model.set_matvec(before)
 
 
 def ours_generate(llm, prompt: list[int], n: int, capture: str, points=()) -> list[int]:
@@ -487,6 +499,15 @@ def run(args) -> dict:
         "bare": lambda: bare_decode(model, prompt, new_tokens),
         "matmuls_only": lambda: matmuls_only(model, new_tokens),
     }
+    if model.use_kernel:
+        # What our one-row kernel (tracer/matvec.py, the default on this CPU) buys: the same
+        # runtime on torch's F.linear, and the kernel's own floor.
+        variants["ours_off_torch_matvec"] = lambda: with_matvec(
+            model, "torch", lambda: ours_generate(llm, prompt, new_tokens, "off"))
+        variants["kernel_only"] = lambda: matmuls_only(model, new_tokens, matvec.linear)
+    result["matvec"] = "kernel" if model.use_kernel else "torch"
+    if not model.use_kernel:
+        result["matvec_unavailable_because"] = matvec.kernel().reason or "not a CPU run"
     if args.compile:
         # The same model, with the opt-in compiled decode step that capture="off" uses.
         fast = Llama(model, llm.tokenizer, llm.defaults, llm.resolved, llm.load_trace)
@@ -557,6 +578,9 @@ def run(args) -> dict:
         "matmuls_only_over_transformers": d["matmuls_only"]["tokens_per_s"] / d["transformers"]["tokens_per_s"],
         **({"decode_ours_compiled_over_transformers":
             d["ours_compiled"]["tokens_per_s"] / d["transformers"]["tokens_per_s"]} if "ours_compiled" in d else {}),
+        **({"kernel_only_over_matmuls_only": d["kernel_only"]["tokens_per_s"] / d["matmuls_only"]["tokens_per_s"],
+            "decode_off_kernel_over_torch_matvec":
+            d["ours_off"]["tokens_per_s"] / d["ours_off_torch_matvec"]["tokens_per_s"]} if "kernel_only" in d else {}),
         "prefill_ours_over_transformers": p["ours"]["tokens_per_s"] / p["transformers"]["tokens_per_s"],
         "load_seconds_ours_over_transformers": ld["ours"]["seconds"] / ld["transformers"]["seconds"],
     }
@@ -601,7 +625,8 @@ def table(r: dict) -> str:
         "| decode variant | tok/s (median) | ms/token | all repeats, tok/s |",
         "|---|---|---|---|",
     ]
-    for name in ("transformers", "matmuls_only", "bare", "ours_off", "ours_light", "ours_full", "ours_compiled"):
+    for name in ("transformers", "matmuls_only", "kernel_only", "bare", "ours_off_torch_matvec", "ours_off",
+                 "ours_light", "ours_full", "ours_compiled"):
         if name not in d:
             continue
         v = d[name]
@@ -622,6 +647,14 @@ def table(r: dict) -> str:
             f"transformers; ours (off) reaches {100 * r['ratios']['decode_off_over_matmuls_only']:.0f}% of it"
             + (f", compiled {100 * d['ours_compiled']['tokens_per_s'] / d['matmuls_only']['tokens_per_s']:.0f}%"
                if "ours_compiled" in d else ""),
+            "",
+        ]
+    if "kernel_only" in d:
+        lines += [
+            f"kernel only (our one-row kernel, tracer/matvec.py, over the same weights): "
+            f"{d['kernel_only']['tokens_per_s']:.2f} tok/s = {r['ratios']['kernel_only_over_matmuls_only']:.2f}x "
+            f"torch's F.linear; ours (off) with the kernel is {r['ratios']['decode_off_kernel_over_torch_matvec']:.2f}x "
+            "ours (off) on F.linear",
             "",
         ]
     lines += [
