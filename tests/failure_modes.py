@@ -250,6 +250,14 @@ def no_cuda(ws):
         return load(ws.base, device="cuda")
 
 
+def kernel_unavailable(ws):
+    from tracer import matvec
+
+    with mock.patch.dict(os.environ, {"CC": "/nonexistent/cc"}), \
+            mock.patch("tracer.model.kernel", matvec.kernel.__wrapped__):
+        return load(ws.base, matvec="kernel")
+
+
 def gpu_too_small(ws):
     from tracer.api import check_fits
     from tracer.config import LlamaConfig
@@ -397,6 +405,7 @@ CASES: list[Case] = [
     Case("device", "unknown device", D, lambda ws: load(ws.base, device="tpu")),
     Case("device", "unsupported dtype", D, lambda ws: load(ws.base, dtype="int8")),
     Case("device", "7B-sized model in float32 on a GPU with 8 GB free", D, gpu_too_small),
+    Case("device", "matvec='kernel' where the kernel cannot be built", D, kernel_unavailable),
     # traces
     Case("trace", "events.json edited", R,
          _damage_trace(lambda f: (f / "events.json").write_text(

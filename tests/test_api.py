@@ -90,6 +90,13 @@ def test_cli_trace_writes_a_loadable_folder(tiny_checkpoint, tmp_path):
     assert "blocks.0.attn.pattern" in trace.of("prefill")[0].tensors
 
 
+def test_cli_matvec_choice_reaches_the_trace(tiny_checkpoint, tmp_path):
+    out = run_cli("trace", "--model", str(tiny_checkpoint), "--prompt", "The people", "--max-new-tokens", "2",
+                  "--out", str(tmp_path / "t"), "--matvec", "torch")
+    assert out.returncode == 0, out.stderr
+    assert tracer.Trace.load(tmp_path / "t").meta["matvec"] == "torch"
+
+
 def test_walkthrough_example_runs(tiny_checkpoint):
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "run.py"), "--model", str(tiny_checkpoint),
                           "--max-new-tokens", "8", "--seed", "0"], capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import tracer
 from tracer import matvec
+from tracer.errors import DeviceError
 
 KERNEL = matvec.kernel()
 needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
@@ -44,6 +45,38 @@ def test_kernel_matches_the_exact_product_for_any_shape(n, k, dtype, seed):
     x = torch.randn(k, generator=g).to(dtype)
     out = torch.empty(n, dtype=dtype)
     _assert_close_to_exact(KERNEL.run(x, w, out), x, w)
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(1, 9), n=st.integers(1, 37), k=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]), seed=st.integers(0, 99),
+)
+def test_several_rows_match_the_exact_product_for_any_shape(t, n, k, dtype, seed):
+    """The prompt kernel: odd and even row counts, row-group and lane remainders, each row of
+    the result one rounding away from its float64 product."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(t, k, generator=g).to(dtype)
+    out = KERNEL.run_rows(x, w, torch.empty(t, n, dtype=dtype))
+    for row in range(t):
+        _assert_close_to_exact(out[row], x[row], w)
+
+
+@needs_kernel
+def test_a_long_prompt_is_cut_into_chunks_and_agrees_with_torch():
+    """More rows than one kernel call takes (64): the chunks join into F.linear's result."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 256, generator=g) * 0.05).half()
+    x = torch.randn(1, 150, 256, generator=g).half()
+    with torch.inference_mode():
+        assert matvec.fits(x, w)
+        got = matvec.linear(x, w)
+        torch.testing.assert_close(got, F.linear(x, w))
+        one_by_one = torch.cat([matvec.linear(x[:, i : i + 1], w) for i in range(150)], dim=1)
+    # Row by row (the one-row kernel) and in chunks (the prompt kernel) sum in the same order.
+    assert torch.equal(got, one_by_one)
 
 
 @needs_kernel
@@ -95,7 +128,8 @@ def test_fits_only_one_row_inference_products():
     x = torch.randn(1, 64)
     with torch.inference_mode():
         assert matvec.fits(x, w)
-        assert not matvec.fits(torch.randn(2, 64), w)  # two rows: torch's matmul
+        assert not matvec.fits(torch.randn(2, 64), w)  # two float32 rows: torch's BLAS
+        assert matvec.fits(torch.randn(2, 64).half(), w.half())  # two float16 rows: the prompt kernel
         assert not matvec.fits(x, w, torch.zeros(128))  # bias
         assert not matvec.fits(x.half(), w)  # mixed dtypes
         assert not matvec.fits(x.double(), w.double())  # no float64 kernel
@@ -154,6 +188,7 @@ def test_embedded_model_decodes_the_same_with_the_kernel_and_with_torch(dtype):
     with_kernel = llm.generate("Once upon a time", **kw)
     assert llm.model.set_matvec("torch") == "torch"
     with_torch = llm.generate("Once upon a time", **kw)
+    assert (with_kernel.trace.meta["matvec"], with_torch.trace.meta["matvec"]) == (expected, "torch")
     assert with_kernel.new_ids == with_torch.new_ids
     tol = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}[dtype]
     steps = [[e.top_logits for e in g.trace.events if e.stage == "decode_step"] for g in (with_kernel, with_torch)]
@@ -180,9 +215,8 @@ def test_set_matvec_validates_its_argument(monkeypatch):
     llm = tracer.load(None, dtype="float32", progress=False)
     with pytest.raises(ValueError, match="'auto', 'kernel' or 'torch'"):
         llm.model.set_matvec("fast")
-    monkeypatch.setattr(matvec, "kernel", lambda: matvec.Kernel(None, "no kernel in this test"))
     monkeypatch.setattr("tracer.model.kernel", lambda: matvec.Kernel(None, "no kernel in this test"))
-    with pytest.raises(RuntimeError, match="no kernel in this test"):
+    with pytest.raises(DeviceError, match="no kernel in this test"):
         llm.model.set_matvec("kernel")
     assert llm.model.set_matvec("auto") == "torch"
     assert not any(m.use_kernel for m in llm.model.modules() if isinstance(m, matvec.Linear))

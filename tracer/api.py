@@ -228,6 +228,8 @@ class Llama:
                               **({"budget_bytes": budget_bytes} if budget_bytes else {}),
                               top_k=top_n, lens=lens)
         trace = self.load_trace.copy() if capture != "off" else Trace(meta=self.load_trace.meta)
+        # What computes this run's products (set_matvec may have changed it since the load).
+        trace.meta = {**trace.meta, "matvec": "kernel" if self.model.use_kernel else "torch"}
         t0, started = time.perf_counter(), time.time()
         ids, text, template = self.encode_prompt(prompt, chat=chat, system=system)
         if capture != "off":
@@ -322,6 +324,7 @@ def load(
     # Construct without allocating (meta), then allocate uninitialised storage on the device.
     model = LlamaModel(cfg, device="meta", dtype=torch_dtype).to_empty(device=dev)
     model.eval()
+    products = model.set_matvec(matvec)  # before the weights: an impossible choice fails fast
     bar = _progress(len(resolved.weight_files), progress)
     for report in load_weights(model, resolved):
         trace.add(LoadShardEvent(
@@ -345,7 +348,7 @@ def load(
         )
     defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
     trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname,
-                      matvec=model.set_matvec(matvec))
+                      matvec=products)
     llm = Llama(model, tokenizer, defaults, resolved, trace)
     if compile:
         llm.compile_step()

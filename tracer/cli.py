@@ -31,6 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--token", default=None, help="hub token for gated repos (or set HF_TOKEN)")
+    p.add_argument("--matvec", default="auto", choices=["auto", "kernel", "torch"],
+                   help="one-row products of CPU decode: our AVX2 kernel (auto: where it builds) or torch's")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_generation_args(g)
     g.add_argument("--json", action="store_true", help="print a JSON result")
-    g.add_argument("--compile", action="store_true", help="torch.compile the forward (compiles first)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles on the first step)")
 
     t = sub.add_parser("trace", help="generate and save the trace folder")
     _add_model_args(t)
@@ -97,7 +99,8 @@ def _load(args):
     from .api import load
 
     return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                token=args.token, progress=sys.stderr.isatty(), compile=getattr(args, "compile", False))
+                token=args.token, progress=sys.stderr.isatty(), compile=getattr(args, "compile", False),
+                matvec=args.matvec)
 
 
 def run(args) -> int:

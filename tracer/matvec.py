@@ -1,15 +1,17 @@
-"""One-row matrix-vector products for batch-1 decode on the CPU (``kernels/matvec.c``).
+"""Matrix products for batch-1 decode (and short prompts) on the CPU (``kernels/matvec.c``).
 
 Decoding one token multiplies a single row of activations by every weight matrix, so each step
 reads every weight once: its speed limit is memory bandwidth (tokens/s <= GB/s / weight GB). On
 x86-64 CPUs with AVX2, torch's one-row product reaches about two thirds of the read rate for
 float16 and bfloat16, and its float32 one pays a large fixed cost per call on small matrices. A
 forty-line C loop (four rows at a time, 16-bit weights widened in registers, float32 sums)
-reaches the read rate; ``benchmarks/speed.py`` measures both.
+reaches the read rate; ``benchmarks/speed.py`` measures both. For a prompt (several rows) in
+float16/bfloat16, torch's matmul here makes one pass over the weights per row; the kernel widens
+each group of weight rows once and reuses it for up to 64 rows (about 3x faster for 16 rows).
 
 The kernel is built once, at first use, with the system C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/llama-tracer`` and loaded with ctypes; no torch headers are needed. Where it
-cannot be used (not x86-64 with AVX2, no compiler, a GPU tensor, more than one row, a bias, a
+cannot be used (not x86-64 with AVX2, no compiler, a GPU tensor, several float32 rows, a bias, a
 layout other than contiguous rows) :func:`linear` is exactly ``F.linear``. Results differ from
 torch's only in float32 summation order, the same size of difference as between two BLAS builds.
 """
@@ -35,6 +37,10 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # Below this many weights a product is a few microseconds either way; torch's call is fine.
 _MIN_WEIGHTS = 4096
+# Several rows (a prompt): only for 16-bit weights, whose torch matmul on AVX2 CPUs makes one pass
+# over the weights per row; float32's is a good BLAS. The kernel takes up to _ROWS rows per call.
+_ROWS_DTYPES = (torch.float16, torch.bfloat16)
+_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,28 @@ class Kernel:
     reason: str = ""
 
     @functools.cached_property
+    def _lib(self) -> ctypes.CDLL:
+        return ctypes.CDLL(str(self.path))
+
+    @functools.cached_property
     def _fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
-        lib = ctypes.CDLL(str(self.path))
         fns = {}
         for dtype, suffix in _SUFFIX.items():
-            fn = getattr(lib, f"matvec_{suffix}")
+            fn = getattr(self._lib, f"matvec_{suffix}")
             p = ctypes.c_void_p
             fn.argtypes = [p, p, p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
             fn.restype = None
+            fns[dtype] = fn
+        return fns
+
+    @functools.cached_property
+    def _rows_fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
+        fns = {}
+        for dtype in _ROWS_DTYPES:
+            fn = getattr(self._lib, f"matmat_{_SUFFIX[dtype]}")
+            p, n = ctypes.c_void_p, ctypes.c_long
+            fn.argtypes = [p, p, p, n, n, n, ctypes.c_int]
+            fn.restype = ctypes.c_int
             fns[dtype] = fn
         return fns
 
@@ -66,6 +86,16 @@ class Kernel:
         self._fns[weight.dtype](
             weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads()
         )
+        return out
+
+    def run_rows(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[t] = weight @ x[t] for contiguous x [T, K], weight [N, K], out [T, N] (16-bit)."""
+        N, K = weight.shape
+        status = self._rows_fns[weight.dtype](
+            weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, x.shape[0], torch.get_num_threads()
+        )
+        if status != 0:
+            raise MemoryError(f"matvec kernel: no memory for a {x.shape[0]} x {K} float32 buffer")
         return out
 
 
@@ -89,8 +119,10 @@ def kernel() -> Kernel:
     cc = os.environ.get("CC", "cc")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        return Kernel(None, f"no C compiler ({cc!r}: {e}); set CC to one to use the kernel")
+    except OSError as e:
+        return Kernel(None, f"no C compiler: {cc!r} cannot be run ({e.strerror}); set CC to one")
+    except subprocess.CalledProcessError:
+        return Kernel(None, f"no C compiler: '{cc} --version' failed; set CC to one")
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
     path = _cache_dir() / f"matvec-{key[:16]}.so"
     if not path.exists():
@@ -138,16 +170,19 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether the kernel can compute ``F.linear(x, weight, bias)``.
 
-    Only inference (no autograd) on one row of activations times a row-major CPU weight of the
-    same dtype, without bias. (Whether the kernel could be built is :func:`kernel`'s business.)
+    Inference only (no autograd), a row-major CPU weight of the activations' dtype, no bias; one
+    row of activations (a decode step) in float32/float16/bfloat16, or several rows (a prompt) in
+    float16/bfloat16. (Whether the kernel could be built is :func:`kernel`'s business.)
     """
+    K = weight.shape[-1]
     return (
         bias is None
-        and x.numel() == weight.shape[-1]  # one row: batch 1, one token
+        and x.shape[-1] == K
         and x.is_cpu
         and weight.is_cpu
         and x.dtype is weight.dtype
         and weight.dtype in _SUFFIX
+        and (x.numel() == K or weight.dtype in _ROWS_DTYPES)
         and weight.dim() == 2
         and weight.numel() >= _MIN_WEIGHTS
         and weight.is_contiguous()
@@ -155,22 +190,32 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     )
 
 
-def matvec_unchecked(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The kernel's product, for callers that checked :func:`fits` and :func:`kernel` already."""
-    if torch.compiler.is_compiling():
-        return torch.ops.llama_tracer.matvec(x, weight)  # opaque to the compiler
-    return _matvec_cpu(x, weight)
+def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``F.linear(x, weight)``, for callers that checked :func:`fits` and :func:`kernel`."""
+    K = weight.shape[1]
+    if x.numel() == K:
+        if torch.compiler.is_compiling():
+            return torch.ops.llama_tracer.matvec(x, weight)  # opaque to the compiler
+        return _matvec_cpu(x, weight)
+    if torch.compiler.is_compiling():  # the compiled decode step has one row; nothing else is compiled
+        return F.linear(x, weight)
+    rows = x.reshape(-1, K).contiguous()  # [T, K]
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype)
+    k = kernel()
+    for t in range(0, rows.shape[0], _ROWS):
+        k.run_rows(rows[t : t + _ROWS], weight, out[t : t + _ROWS])
+    return out.view(x.shape[:-1] + (weight.shape[0],))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, on the kernel where it :func:`fits` and could be built."""
     if fits(x, weight, bias) and kernel().available:
-        return matvec_unchecked(x, weight)
+        return product(x, weight)
     return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose one-row products may run on the kernel (``LlamaModel.set_matvec``).
+    """``nn.Linear`` whose products may run on the kernel where it fits (``LlamaModel.set_matvec``).
 
     ``use_kernel`` is set only once the kernel is known to be available.
     """
@@ -179,5 +224,5 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and fits(x, self.weight, self.bias):
-            return matvec_unchecked(x, self.weight)
+            return product(x, self.weight)
         return F.linear(x, self.weight, self.bias)

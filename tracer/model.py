@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaConfig
+from .errors import DeviceError
 from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
-from .matvec import Linear, fits, kernel, matvec_unchecked
+from .matvec import Linear, fits, kernel, product
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (math as small functions)
@@ -404,7 +405,7 @@ class LlamaModel(nn.Module):
 
     def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
         w = self.output_weight()
-        return matvec_unchecked(h, w) if self.use_kernel and fits(h, w) else F.linear(h, w)
+        return product(h, w) if self.use_kernel and fits(h, w) else F.linear(h, w)
 
     def set_matvec(self, mode: str = "auto") -> str:
         """Choose what computes one-row products (batch-1 decode): "auto", "kernel" or "torch".
@@ -418,7 +419,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"matvec must be 'auto', 'kernel' or 'torch', not {mode!r}")
         k = kernel()
         if mode == "kernel" and not k.available:
-            raise RuntimeError(f"matvec='kernel' asked for, but {k.reason}")
+            raise DeviceError(f"matvec='kernel' asked for, but {k.reason}; use matvec='auto' or 'torch'")
         use = mode != "torch" and k.available and self.device.type == "cpu"
         self.use_kernel = use
         for m in self.modules():

@@ -1,4 +1,5 @@
-/* One-row matrix-vector products y[n] = sum_k W[n, k] * x[k] for batch-1 decode on x86-64 CPUs.
+/* One-row matrix-vector products y[n] = sum_k W[n, k] * x[k] for batch-1 decode on x86-64 CPUs
+ * (matvec_*), and the same for a few rows at once, a short prompt (matmat_*, further down).
  *
  * Why this exists: decoding one token reads every weight once, so its speed limit is memory
  * bandwidth. On AVX2 CPUs torch's float16/bfloat16 one-row product reads weights at about two
@@ -13,6 +14,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* 8 weights of each storage type, widened to float32. */
@@ -103,3 +105,67 @@ static inline float hsum(__m256 v) {
 MATVEC(f32, float)
 MATVEC(f16, uint16_t)
 MATVEC(bf16, uint16_t)
+
+/* A few rows at once (a short prompt, T <= 64): Y[t, n] = sum_k W[n, k] * X[t, k] for 16-bit
+ * weights. torch's float16 matmul on AVX2 CPUs handles each of the T rows as a separate pass over
+ * the weights; here each group of four weight rows is widened to float32 once, into a buffer that
+ * stays in the L1/L2 cache, and then serves all T rows of X, two at a time (eight accumulators).
+ * Sums are float32 in the same order for every row, rounded once, as in matvec above. */
+#define MATMAT(NAME, T_)                                                                        \
+    int matmat_##NAME(const T_ *W, const T_ *X_in, T_ *Y, long N, long K, long T, int threads) { \
+        int team = threads > 1 ? threads : 1, failed = 0;                                       \
+        _Pragma("omp parallel num_threads(team)")                                               \
+        {                                                                                       \
+            float *x = malloc(sizeof(float) * (size_t)(T * K + 4 * K));                         \
+            if (!x) {                                                                           \
+                _Pragma("omp atomic write")                                                     \
+                failed = 1;                                                                     \
+            }                                                                                   \
+            _Pragma("omp barrier")                                                              \
+            if (!failed) {                                                                      \
+                float *w = x + T * K;                                                           \
+                for (long i = 0; i < T * K; i++) x[i] = one_##NAME(X_in + i);                   \
+                long K8 = K & ~7L, groups = (N + 3) / 4;                                        \
+                _Pragma("omp for schedule(static)")                                             \
+                for (long g = 0; g < groups; g++) {                                             \
+                    long n0 = g * 4, rows = N - n0 < 4 ? N - n0 : 4;                            \
+                    for (long r = 0; r < rows; r++) {                                           \
+                        const T_ *src = W + (n0 + r) * K;                                       \
+                        for (long k = 0; k < K8; k += 8) _mm256_storeu_ps(w + r * K + k, load8_##NAME(src + k)); \
+                        for (long k = K8; k < K; k++) w[r * K + k] = one_##NAME(src + k);       \
+                    }                                                                           \
+                    for (long r = rows; r < 4; r++) memset(w + r * K, 0, sizeof(float) * K);     \
+                    for (long t = 0; t < T; t += 2) {                                           \
+                        const float *x0 = x + t * K, *x1 = t + 1 < T ? x0 + K : x0;             \
+                        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;      \
+                        __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;                      \
+                        for (long k = 0; k < K8; k += 8) {                                      \
+                            __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k);     \
+                            __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k); \
+                            __m256 w2 = _mm256_loadu_ps(w + 2 * K + k), w3 = _mm256_loadu_ps(w + 3 * K + k); \
+                            a00 = _mm256_fmadd_ps(w0, u, a00); a10 = _mm256_fmadd_ps(w0, v, a10); \
+                            a01 = _mm256_fmadd_ps(w1, u, a01); a11 = _mm256_fmadd_ps(w1, v, a11); \
+                            a02 = _mm256_fmadd_ps(w2, u, a02); a12 = _mm256_fmadd_ps(w2, v, a12); \
+                            a03 = _mm256_fmadd_ps(w3, u, a03); a13 = _mm256_fmadd_ps(w3, v, a13); \
+                        }                                                                       \
+                        float s[2][4] = {{hsum(a00), hsum(a01), hsum(a02), hsum(a03)},          \
+                                         {hsum(a10), hsum(a11), hsum(a12), hsum(a13)}};         \
+                        for (long k = K8; k < K; k++)                                           \
+                            for (int r = 0; r < 4; r++) {                                       \
+                                s[0][r] += w[r * K + k] * x0[k];                                \
+                                s[1][r] += w[r * K + k] * x1[k];                                \
+                            }                                                                   \
+                        for (long r = 0; r < rows; r++) {                                       \
+                            store_##NAME(Y + t * N + n0 + r, s[0][r]);                          \
+                            if (t + 1 < T) store_##NAME(Y + (t + 1) * N + n0 + r, s[1][r]);     \
+                        }                                                                       \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+            free(x);                                                                            \
+        }                                                                                       \
+        return failed ? -1 : 0;                                                                 \
+    }
+
+MATMAT(f16, uint16_t)
+MATMAT(bf16, uint16_t)
