@@ -175,6 +175,21 @@ def test_build_goes_to_the_cache_dir_once(monkeypatch, tmp_path):
     assert not list((tmp_path / "llama-tracer").glob("tmp*"))  # no temporary left over
 
 
+@needs_kernel
+def test_a_library_that_will_not_load_means_no_kernel(monkeypatch, tmp_path):
+    """A damaged file in the cache (not one we wrote: ours are renamed into place whole) is
+    reported with its path and what to do, not a crash at the first product."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
+    name = matvec.kernel.__wrapped__().path.name  # (a library in use must not be overwritten)
+    damaged = tmp_path / "b" / "llama-tracer" / name
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    k = matvec.kernel.__wrapped__()
+    path = damaged
+    assert not k.available and str(path) in k.reason and "delete it" in k.reason
+
+
 # --- The model ---------------------------------------------------------------------------------
 
 

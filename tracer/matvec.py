@@ -132,7 +132,8 @@ def kernel() -> Kernel:
             os.close(fd)
             try:
                 subprocess.run(
-                    [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True
+                    [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True,
+                    timeout=300,
                 )
                 os.replace(tmp, path)
             finally:
@@ -140,9 +141,16 @@ def kernel() -> Kernel:
                     os.unlink(tmp)
         except subprocess.CalledProcessError as e:
             return Kernel(None, f"building {SOURCE.name} with {cc} failed: {e.stderr.strip()[:500]}")
+        except subprocess.TimeoutExpired:
+            return Kernel(None, f"building {SOURCE.name} with {cc} took over 300 s; gave up")
         except OSError as e:
             return Kernel(None, f"could not build the kernel into {path.parent}: {e}")
-    return Kernel(path)
+    built = Kernel(path)
+    try:  # load it now, so that a library that will not load means "no kernel", not a crash later
+        built._fns, built._rows_fns  # noqa: B018
+    except (OSError, AttributeError) as e:
+        return Kernel(None, f"could not load {path}: {e}; delete it to rebuild")
+    return built
 
 
 # ---------------------------------------------------------------------------------------------
