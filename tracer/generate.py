@@ -271,10 +271,13 @@ class Decoder:
         top_p = softmaxes.gather(-1, top.indices)
         f = top.values.dtype
         n_left = torch.count_nonzero(stages["final"][0]).to(f)
-        # A sum is finite if every logit is (barring fp32 overflow, which the exact check clears).
-        extra = torch.stack([token.to(f), n_left, logits.sum()])
-        # One device -> host copy per step for everything the event shows.
-        host = torch.cat([top.indices.to(f).flatten(), top.values.flatten(), top_p.flatten(), extra]).tolist()
+        # One device -> host copy per step for everything the event shows; the last three are the
+        # token, the candidates left and the logits' sum (finite if every logit is, barring fp32
+        # overflow, which the exact check clears).
+        host = torch.cat([
+            top.indices.to(f).view(-1), top.values.view(-1), top_p.view(-1),
+            token.to(f).view(1), n_left.view(1), logits.sum().view(1),
+        ]).tolist()
         if not math.isfinite(host[-1]):
             self._check_finite(logits, step)
         token_id, n_left_i = int(host[-3]), int(host[-2])
