@@ -54,7 +54,7 @@ def trace_cost_section(path: Path) -> str:
         f"### Cost of tracing, embedded model, {r['dtype']}, {r['threads']} threads: `results/{path.name}`",
         "",
         f"`python -m benchmarks.trace_cost --repeats {r['repeats']}`: {r['new_tokens']} new tokens, "
-        f"{r['repeats']} interleaved rounds; full keeps {', '.join(r['full_points'])}.",
+        f"{r['repeats']} interleaved rounds (a new shuffled order each round); full keeps {', '.join(r['full_points'])}.",
         "",
         "| run | tok/s (median) |",
         "|---|---|",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -75,10 +76,15 @@ def main(argv=None) -> dict:
     for fn in runs.values():  # warm-up
         fn()
     seconds: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs)
+    shuffle = random.Random(0).shuffle
     for _ in range(args.repeats):
-        for name, fn in runs.items():
+        # A new order every round (seeded): a run's place in the round (after a full trace that
+        # filled memory, say) must not favour or burden one policy.
+        shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            runs[name]()
             seconds[name].append(time.perf_counter() - t0)
     tok_s = {k: [n / s for s in v] for k, v in seconds.items()}
     med = {k: statistics.median(v) for k, v in tok_s.items()}
