@@ -215,9 +215,17 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape[:-1] + (weight.shape[0],))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, on the kernel where it :func:`fits` and could be built."""
-    if fits(x, weight, bias) and kernel().available:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, use_kernel: bool | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on the kernel where it :func:`fits`.
+
+    ``use_kernel`` is the caller's standing choice (the model's, made once by ``set_matvec``, so
+    that a compiled step never asks :func:`kernel`); None asks whether the kernel could be built.
+    """
+    if use_kernel is None:
+        use_kernel = kernel().available
+    if use_kernel and fits(x, weight, bias):
         return product(x, weight)
     return F.linear(x, weight, bias)
 
@@ -231,6 +239,4 @@ class Linear(nn.Linear):
     use_kernel: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and fits(x, self.weight, self.bias):
-            return product(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, use_kernel=self.use_kernel)

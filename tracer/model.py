@@ -26,7 +26,7 @@ from torch import nn
 from .config import LlamaConfig
 from .errors import DeviceError
 from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
-from .matvec import Linear, fits, kernel, product
+from .matvec import Linear, kernel, linear
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (math as small functions)
@@ -404,8 +404,7 @@ class LlamaModel(nn.Module):
         return self._lm_head(self.final_norm(h))
 
     def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.output_weight()
-        return product(h, w) if self.use_kernel and fits(h, w) else F.linear(h, w)
+        return linear(h, self.output_weight(), use_kernel=self.use_kernel)
 
     def set_matvec(self, mode: str = "auto") -> str:
         """Choose what computes one-row products (batch-1 decode): "auto", "kernel" or "torch".
