@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -156,3 +157,51 @@ def test_decoder_steps_branches_and_changes_settings(tiny_llm):
     other.run(3)
     direct = tiny_llm.generate(dec.prompt_ids + other.new_ids[:2], max_new_tokens=3, do_sample=False)
     assert other.new_ids[2:] == direct.new_ids
+
+
+def test_memory_probe_keeps_one_file_open_and_closes_it():
+    """A traced step reads RSS through a kept fd (pread), not an open per step."""
+    import gc
+
+    from tracer.trace import MemoryProbe, memory_snapshot
+
+    probe = MemoryProbe("cpu")
+    first = probe.snapshot()["rss_bytes"]
+    fd = probe._fd
+    ballast = bytearray(64 * 1024**2)  # written (zero-filled) pages: RSS rises by ~64 MB
+    assert probe.snapshot()["rss_bytes"] >= first + 48 * 1024**2
+    assert probe._fd == fd  # the same file, read again
+    assert abs(memory_snapshot("cpu")["rss_bytes"] - probe.snapshot()["rss_bytes"]) < 16 * 1024**2
+    probe.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert probe.snapshot()["rss_bytes"] > 0  # reopens after close
+    fd = probe._fd
+    del probe, ballast
+    gc.collect()
+    with pytest.raises(OSError):  # the finalizer closed it with the probe
+        os.fstat(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_memory_probe_in_a_forked_child_reads_the_child():
+    """/proc/self is resolved when the file is opened: a child must not read its parent's RSS."""
+    from tracer.trace import MemoryProbe
+
+    probe = MemoryProbe("cpu")
+    parent = probe.snapshot()["rss_bytes"]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: grow by 256 MB, then read through the inherited probe
+        try:
+            ballast = bytearray(256 * 1024**2)
+            os.write(w, str(probe.snapshot()["rss_bytes"]).encode())
+            del ballast
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = int(os.read(r, 64))
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child >= parent + 128 * 1024**2
+    assert probe.snapshot()["rss_bytes"] < parent + 100 * 1024**2  # the parent did not grow

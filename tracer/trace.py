@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,23 +35,60 @@ FORMAT = "llama-tracer-trace"
 VERSION = 1
 
 
-def memory_snapshot(device: torch.device | str | None = None) -> dict[str, int]:
-    """Current process RSS (bytes) and, on CUDA, allocated/peak GPU bytes."""
-    snap: dict[str, int] = {}
-    try:
-        # os-level read: this runs once per decode step with capture on, and io.open costs more
-        # than the read itself.
+class MemoryProbe:
+    """Reads the process RSS (and, on CUDA, allocated/peak GPU bytes) as often as asked.
+
+    A traced decode reads memory once per token. Opening /proc/self/statm each time costs several
+    times the read itself, so the probe keeps the file open and re-reads it with ``pread``. The fd
+    closes with :meth:`close` or when the probe is collected. A forked child reopens the file, so
+    it reads its own RSS and not its parent's.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        dev = torch.device(device) if device is not None else None
+        self._cuda = dev if dev is not None and dev.type == "cuda" and torch.cuda.is_available() else None
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._closer: weakref.finalize | None = None
+        self._no_statm = False  # no /proc here (not Linux): RSS is left out, not retried per step
+
+    def snapshot(self) -> dict[str, int]:
+        """Current RSS in bytes (``rss_bytes``) and the CUDA counters where they apply."""
+        snap: dict[str, int] = {}
+        if not self._no_statm:
+            try:
+                if self._pid != os.getpid():
+                    self._open()
+                pages = int(os.pread(self._fd, 256, 0).split()[1])  # statm: size resident ...
+                snap["rss_bytes"] = pages * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                self._no_statm = True
+                self.close()
+        if self._cuda is not None:
+            snap["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self._cuda)
+            snap["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self._cuda)
+        return snap
+
+    def _open(self) -> None:
+        self.close()
         fd = os.open("/proc/self/statm", os.O_RDONLY)
-        try:
-            snap["rss_bytes"] = int(os.read(fd, 256).split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        finally:
-            os.close(fd)
-    except (OSError, ValueError, IndexError):
-        pass
-    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        snap["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
-        snap["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    return snap
+        self._closer = weakref.finalize(self, os.close, fd)
+        self._fd, self._pid = fd, os.getpid()
+
+    def close(self) -> None:
+        """Close the kept file (a later snapshot opens it again)."""
+        if self._closer is not None:
+            self._closer()  # runs os.close once; the finalizer is then dead
+        self._fd = self._pid = self._closer = None
+
+
+def memory_snapshot(device: torch.device | str | None = None) -> dict[str, int]:
+    """Current process RSS (bytes) and, on CUDA, allocated/peak GPU bytes: one reading."""
+    probe = MemoryProbe(device)
+    try:
+        return probe.snapshot()
+    finally:
+        probe.close()
 
 
 # ---------------------------------------------------------------------------------------------
