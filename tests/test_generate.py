@@ -53,3 +53,30 @@ def test_rank_and_probability_of_a_forced_token_outside_the_top_k(embedded_fp16)
         assert ev.chosen_rank == int((final > final[token]).sum())
         assert ev.chosen_prob == pytest.approx(float(final[token]), rel=1e-3, abs=1e-9)
     assert ev.chosen_rank > dec.capture.top_k  # the second one really was outside the list
+
+
+def test_greedy_tie_at_the_top_takes_the_first_index_in_every_policy(tiny_checkpoint):
+    """Light capture reads the greedy token off the recorded top-k; among equal scores topk's
+    order is unspecified, while argmax (and transformers) takes the first index."""
+    llm = tracer.load(tiny_checkpoint, device="cpu", dtype="float32", progress=False)
+    ids = llm.tokenizer.encode("Once upon a time")
+    weight = llm.model.output_weight()
+    original = weight.detach().clone()
+    top = int(llm.logits(ids)[-1].argmax())
+    V = llm.config.vocab_size
+    topk_disagreed = 0
+    for twin in sorted({0, 5, top // 2, (top + V) // 2, V - 1} - {top}):
+        with torch.no_grad():
+            weight.copy_(original)
+            weight[twin] = original[top]  # two tokens whose logits are always equal
+        logits = llm.logits(ids)[-1]
+        assert logits[twin] == logits[top] == logits.max()
+        first = min(twin, top)
+        topk_disagreed += int(torch.topk(logits, 20).indices[0]) != first
+        for capture in ("off", "light", "full"):
+            kw = {"points": ["logits"]} if capture == "full" else {}
+            dec = llm.decoder(ids, max_new_tokens=1, do_sample=False, capture=capture, **kw)
+            assert dec.step().token_id == first, (capture, twin, top)
+            if capture != "off":
+                assert dec.trace.of("sample")[-1].chosen_rank == 0
+    assert topk_disagreed, "no placement put the tie out of argmax's order: the test proved nothing"

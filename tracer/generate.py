@@ -29,10 +29,10 @@ from .trace import (
     CAPTURE_POLICIES,
     DecodeStepEvent,
     ForwardEvent,
+    MemoryProbe,
     PrefillEvent,
     SampleEvent,
     Trace,
-    memory_snapshot,
 )
 
 DEFAULT_BUDGET_BYTES = 512 * 1024**2  # full capture: refuse beyond this unless raised
@@ -133,6 +133,8 @@ class Decoder:
         self._id_buf[: len(prompt_ids)] = torch.tensor(prompt_ids)
         self._captured_bytes = 0
         self._settings_json: tuple = (None, {})
+        self._on_cuda = model.device.type == "cuda"
+        self._memory = MemoryProbe(model.device)  # opens /proc/self/statm at the first traced step
 
     # --- state --------------------------------------------------------------------------------
     @property
@@ -188,7 +190,7 @@ class Decoder:
         else:
             with _Recorder(self, len(ids)) as recorder:
                 logits = self.model(x, self.cache, last_only=True)[0, -1]
-        if self.model.device.type == "cuda":
+        if self._on_cuda:
             torch.cuda.synchronize(self.model.device)
         cls = PrefillEvent if first else DecodeStepEvent
         event = cls(
@@ -198,7 +200,7 @@ class Decoder:
             positions=[start, start + len(ids) - 1],
             input_ids=list(ids),
             kv_cache=_cache_summary(self.cache),
-            memory=memory_snapshot(self.model.device),
+            memory=self._memory.snapshot(),
             tensors=recorder.tensors if recorder else {},
         )
         if recorder:
@@ -220,14 +222,12 @@ class Decoder:
             return self._sample_untraced(logits, prev, force_id, step)
         t0, started = time.perf_counter(), time.time()
         stages = sampling.stage_scores(logits[None], prev, s)
-        probs = stages["final"][0]
-        if force_id is None:
-            # Greedy: argmax of the processed scores, as transformers does (not of the softmax).
-            pick = probs if s.do_sample else stages["top_p"][0]
-            token = sampling.choose(pick[None], do_sample=s.do_sample, generator=self.generator)[0]
-        else:
-            token = torch.tensor(force_id, device=probs.device)
-        token_id, prob, rank_i = self._record_sample(stages, token, step, force_id, started, t0)
+        drawn = None  # the token, when it must come from the device
+        if force_id is None and s.do_sample:
+            drawn = sampling.choose(stages["final"], do_sample=True, generator=self.generator)[0]
+        # Greedy: argmax of the processed scores, as transformers does (not of the softmax). The
+        # recorded top-k of that stage already holds it, so no separate argmax runs.
+        token_id, prob, rank_i = self._record_sample(stages, drawn, step, force_id, started, t0)
         return self._append(StepRecord(step, token_id, prob, rank_i, force_id is not None))
 
     def _sample_untraced(self, logits, prev, force_id, step) -> StepRecord:
@@ -255,36 +255,39 @@ class Decoder:
             self.finish_reason = "max_new_tokens"
         return record
 
-    def _record_sample(self, stages, token, step, force_id, started, t0):
-        logits = stages["raw"][0]
-        k = min(self.capture.top_k, logits.shape[-1])
+    def _record_sample(self, stages, drawn, step, force_id, started, t0):
+        """Record the sample event from one host copy; return the token (forced, ``drawn`` or
+        greedy), its final probability and its rank."""
+        logits = stages["raw"]  # [1, V]
+        V = logits.shape[-1]
+        k = min(self.capture.top_k, V)
         # Rank every distinct score stage in one topk call (greedy passes one tensor through
         # several stages). "final" is the softmax of the last score stage, so it shares its ranking
         # and serves as that stage's probabilities.
         names = sampling.STAGES[:-1]
-        distinct = {id(stages[n]): stages[n][0] for n in names}  # insertion order = row order
+        distinct = {id(stages[n]): stages[n] for n in names}  # [1, V] each; insertion order = row order
         row_of = {key: i for i, key in enumerate(distinct)}
-        rows_v = list(distinct.values())
-        scores = rows_v[0][None] if len(rows_v) == 1 else torch.stack(rows_v)  # [U, V]
-        top = torch.topk(scores, k)  # [U, k]
-        softmaxes = stages["final"] if len(rows_v) == 1 else torch.softmax(scores, dim=-1)  # [U, V]
-        top_p = softmaxes.gather(-1, top.indices)
-        f = top.values.dtype
-        n_left = torch.count_nonzero(stages["final"][0]).to(f)
-        # One device -> host copy per step for everything the event shows; the last three are the
-        # token, the candidates left and the logits' sum (finite if every logit is, barring fp32
-        # overflow, which the exact check clears).
-        host = torch.cat([
-            top.indices.to(f).view(-1), top.values.view(-1), top_p.view(-1),
-            token.to(f).view(1), n_left.view(1), logits.sum().view(1),
-        ]).tolist()
-        if not math.isfinite(host[-1]):
-            self._check_finite(logits, step)
-        token_id, n_left_i = int(host[-3]), int(host[-2])
         U = len(distinct)
+        scores = stages["raw"] if U == 1 else torch.cat(list(distinct.values()))  # [U, V]
+        top = torch.topk(scores, k)  # [U, k]
+        softmaxes = stages["final"] if U == 1 else torch.softmax(scores, dim=-1)  # [U, V]
+        top_p = softmaxes.gather(-1, top.indices)
+        # One device -> host copy per step for everything the event shows (cat promotes the ids
+        # to float32, exact below 2**24): the top-k rows, the candidates left, the logits' sum
+        # (finite if every logit is, barring fp32 overflow, which the exact check clears), and a
+        # drawn token. Batch 1, so the candidates are counted over the whole [1, V] (count_nonzero
+        # with dim= takes three times as long).
+        parts = [top.indices.view(-1), top.values.view(-1), top_p.view(-1),
+                 torch.count_nonzero(stages["final"]).view(1), logits.sum(-1)]
+        if drawn is not None:
+            parts.append(drawn.view(1))
+        host = torch.cat(parts).tolist()
+        n_left_i, total = int(host[3 * U * k]), host[3 * U * k + 1]  # after the three [U, k] blocks
+        if not math.isfinite(total):
+            self._check_finite(logits[0], step)
         rows = []
         for r in range(U):
-            ids = [int(i) for i in host[r * k : (r + 1) * k]]
+            ids = list(map(int, host[r * k : (r + 1) * k]))
             vals = host[(U + r) * k : (U + r + 1) * k]
             probs = host[(2 * U + r) * k : (2 * U + r + 1) * k]
             rows.append((ids, vals, probs))
@@ -293,12 +296,22 @@ class Decoder:
             ids, vals, probs = rows[row_of[id(stages[name])]]
             stage_table[name] = {"ids": ids, "scores": vals, "probs": probs}
         # softmax keeps the order: final's top-k is the last score stage's, its scores the probs.
-        ids, _, probs = rows[row_of[id(stages[names[-1]])]]
+        ids, vals, probs = rows[row_of[id(stages[names[-1]])]]
         stage_table["final"] = {"ids": ids, "scores": probs, "probs": probs}
+        if force_id is not None:
+            token_id = force_id
+        elif drawn is not None:
+            token_id = int(host[3 * U * k + 2])
+        elif V == 1 or (k > 1 and vals[0] > vals[1]):
+            token_id = ids[0]  # the greedy pick: a strict maximum is the top-1
+        else:
+            # A tie at the top (or top_k=1): topk's order among equals is unspecified, while argmax
+            # (and transformers) takes the first index. Ask the device.
+            token_id = int(sampling.choose(stages[names[-1]], do_sample=False)[0])
         if token_id in ids:
             # Every token more likely than one in the top-k is in the top-k too: rank on the host.
             prob = probs[ids.index(token_id)]
-            rank_i = sum(p > prob for p in probs)
+            rank_i = next(i for i, p in enumerate(probs) if p <= prob)  # probs descend: count those above
         else:  # a forced or unlikely draw outside the top-k: ask the device (one more sync)
             final = stages["final"][0]
             prob = float(final[token_id])
