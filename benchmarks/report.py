@@ -49,25 +49,35 @@ def speed_section(path: Path) -> str:
 
 def trace_cost_section(path: Path) -> str:
     r = json.loads(path.read_text())
-    med = r["median_tokens_per_s"]
+    timings = {"per run (whole runs in a shuffled order)": r}
+    if "lockstep" in r:
+        timings["lockstep (the runs advance a token each in turn)"] = r["lockstep"]
     lines = [
         f"### Cost of tracing, embedded model, {r['dtype']}, {r['threads']} threads: `results/{path.name}`",
         "",
         f"`python -m benchmarks.trace_cost --repeats {r['repeats']}`: {r['new_tokens']} new tokens, "
-        f"{r['repeats']} interleaved rounds (a new shuffled order each round); full keeps {', '.join(r['full_points'])}.",
+        f"{r['repeats']} rounds of each timing; full keeps {', '.join(r['full_points'])}.",
         "",
-        "| run | tok/s (median) |",
-        "|---|---|",
-        *[f"| {k} | {v:.1f} |" for k, v in med.items()],
-        "",
-        "| ratio | of medians | median per round | lowest, highest per round |",
-        "|---|---|---|---|",
+        "| run | " + " | ".join(f"tok/s (median), {t.split(' (')[0]}" for t in timings) + " |",
+        "|---|" + "---|" * len(timings),
+        *[f"| {k} | " + " | ".join(f"{t['median_tokens_per_s'][k]:.1f}" for t in timings.values()) + " |"
+          for k in r["median_tokens_per_s"]],
     ]
-    for k, v in r["ratios"].items():
-        rounds = r["per_round_ratios"][k]
-        lines.append(f"| {k} | {v:.3f} | {r['per_round_ratio_medians'][k]:.3f} | {rounds[0]:.3f}, {rounds[-1]:.3f} |")
+    for title, t in timings.items():
+        lines += [
+            "",
+            f"Ratios, {title}:",
+            "",
+            "| ratio | of medians | median per round | lowest, highest per round |",
+            "|---|---|---|---|",
+        ]
+        for k, v in t["ratios"].items():
+            rounds = t["per_round_ratios"][k]
+            lines.append(f"| {k} | {v:.3f} | {t['per_round_ratio_medians'][k]:.3f} | {rounds[0]:.3f}, {rounds[-1]:.3f} |")
     sizes = r["trace_bytes_on_disk"]
     lines += ["", "Trace size on disk: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()) + "."]
+    if "goals" in r:
+        lines += ["", "Goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["goals"].items()) + "."]
     return "\n".join(lines)
 
 

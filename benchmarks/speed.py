@@ -591,8 +591,10 @@ def run(args) -> dict:
         f"decode >= {decode_goal}x transformers": max(
             ratios["decode_ours_off_over_transformers"], ratios.get("decode_ours_compiled_over_transformers", 0)
         ) >= decode_goal,
-        "capture light within 10% of off": ratios["decode_light_over_off"] >= 0.9,
-        "off within noise (3%) of bare": ratios["decode_off_over_bare"] >= 0.97,
+        # Per-run medians: on a small model this VM's run-to-run noise exceeds these margins;
+        # benchmarks.trace_cost times the same pairs in lockstep and is the check for them.
+        "capture light within 10% of off (per run)": ratios["decode_light_over_off"] >= 0.9,
+        "off within 3% of bare (per run)": ratios["decode_off_over_bare"] >= 0.97,
         "prefill no slower than transformers": ratios["prefill_ours_over_transformers"] >= 0.97,
         "load no slower than from_pretrained": ratios["load_seconds_ours_over_transformers"] <= 1.03,
         "load peak RSS <= model size + 300 MB": ld["ours"]["peak_rss_above_baseline_MB"] <= model_mb + 300,

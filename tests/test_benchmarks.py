@@ -42,11 +42,13 @@ def test_trace_cost_small_run_writes_results(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert set(r["median_tokens_per_s"]) == {"bare", "bare_again", "off", "light", "full"}
-    for key in ("bare_again/bare", "off/bare", "light/off", "full/off"):
-        assert r["ratios"][key] > 0 and len(r["per_round_ratios"][key]) == 2
+    for timing in (r, r["lockstep"]):  # per run, and the runs advancing in lockstep
+        assert set(timing["median_tokens_per_s"]) == {"bare", "bare_again", "off", "light", "full"}
+        for key in ("bare_again/bare", "off/bare", "light/off", "full/off"):
+            assert timing["ratios"][key] > 0 and len(timing["per_round_ratios"][key]) == 2
     sizes = r["trace_bytes_on_disk"]
     assert 0 < sizes["light"] < sizes["full"]
+    assert len(r["goals"]) == 2 and all(isinstance(v, bool) for v in r["goals"].values())
 
 
 def test_benchmarks_readme_quotes_the_committed_results():
