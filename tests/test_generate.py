@@ -80,3 +80,28 @@ def test_greedy_tie_at_the_top_takes_the_first_index_in_every_policy(tiny_checkp
             if capture != "off":
                 assert dec.trace.of("sample")[-1].chosen_rank == 0
     assert topk_disagreed, "no placement put the tie out of argmax's order: the test proved nothing"
+
+
+@pytest.mark.parametrize("capture", ["off", "light"])
+def test_a_branch_keeps_the_runs_random_stream_after_its_step(tiny_llm, capture):
+    """Sampling: branch(s, x) goes on with the random state the run had right after step s. So
+    branching with the token actually taken reproduces the run, and a branch does not depend on
+    how far the run went on before it was branched."""
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.3, top_k=0, seed=7, capture=capture)
+    prompt = "The people of the world"
+    dec = tiny_llm.decoder(prompt, **kw)
+    dec.eos_ids = ()
+    dec.run()
+    short = tiny_llm.decoder(prompt, **kw)
+    short.eos_ids = ()
+    short.run(6)
+    for s in (0, 4):
+        same = dec.branch(s, dec.new_ids[s])
+        same.run()
+        assert same.new_ids == dec.new_ids, s
+        other = next(i for i in range(3, tiny_llm.config.vocab_size) if i != dec.new_ids[s])
+        branched, from_short = dec.branch(s, other), short.branch(s, other)
+        branched.run()
+        from_short.run()
+        assert branched.new_ids == from_short.new_ids, s
+        assert branched.new_ids[:s] == dec.new_ids[:s] and branched.new_ids[s] == other

@@ -123,6 +123,9 @@ class Decoder:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
+        # The generator's state before each draw, by step: a branch at step s resumes the random
+        # stream where the run left it after s, whatever the run did later.
+        self._draw_states: dict[int, torch.Tensor] = {}
         # Sized for what this generation can reach, not for max_position_embeddings. A compiled
         # step has static shapes, so there the size is rounded up to a multiple of CACHE_BUCKET:
         # generations of different lengths then share one compiled graph (extra slots are masked).
@@ -224,6 +227,7 @@ class Decoder:
         stages = sampling.stage_scores(logits[None], prev, s)
         drawn = None  # the token, when it must come from the device
         if force_id is None and s.do_sample:
+            self._draw_states[step] = self.generator.get_state()
             drawn = sampling.choose(stages["final"], do_sample=True, generator=self.generator)[0]
         # Greedy: argmax of the processed scores, as transformers does (not of the softmax). The
         # recorded top-k of that stage already holds it, so no separate argmax runs.
@@ -233,6 +237,8 @@ class Decoder:
     def _sample_untraced(self, logits, prev, force_id, step) -> StepRecord:
         """capture="off": the sampling chain, nothing kept, one host sync for id + finiteness."""
         if force_id is None:
+            if self.settings.do_sample:
+                self._draw_states[step] = self.generator.get_state()
             token = sampling.next_token(logits[None], prev, self.settings, self.generator)[0]
         else:
             token = torch.tensor(force_id, device=logits.device)
@@ -367,8 +373,13 @@ class Decoder:
         other._id_buf = self._id_buf.clone()
         # Positions written before `step`'s forward: the prompt, plus one per earlier decode.
         other.cache.truncate(len(self.prompt_ids) + max(step - 1, 0) if step else 0)
+        # The branch goes on with the random stream the run had right after `step` (a forced
+        # token draws nothing): only draws advance the generator, so that is the state saved
+        # before the first draw after `step`, or the current one if none came since.
+        later = [state for s, state in sorted(self._draw_states.items()) if s > step]
         other.generator = torch.Generator(device=self.model.device)
-        other.generator.set_state(self.generator.get_state())
+        other.generator.set_state(later[0] if later else self.generator.get_state())
+        other._draw_states = {s: state for s, state in self._draw_states.items() if s < step}
         other._captured_bytes = 0
         other.step(force_id=token_id)
         return other
