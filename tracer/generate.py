@@ -358,7 +358,8 @@ class Decoder:
         """A new decoder equal to this one before ``step``, taking ``token_id`` at ``step``.
 
         The KV cache is copied and cut back to the positions before that step, so nothing is
-        recomputed except the step itself.
+        recomputed except the step itself. When sampling, later draws use the random stream the run
+        had after ``step``: branching with the token the run took there reproduces the run.
         """
         if not 0 <= step < len(self.new_ids):
             raise GenerationError(f"can only branch at a step already taken (0..{len(self.new_ids) - 1}), got {step}")
