@@ -46,6 +46,8 @@ from tracer.config import LlamaConfig, RopeConfig
 from tracer.model import LlamaModel, init_weights
 from tracer.train_tiny.pipeline import cpu_model
 
+from . import llamacpp
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Real shapes, random weights. "embedded" is the shipped model when it exists (see model_folder).
@@ -362,6 +364,12 @@ def theirs_generate(hf, prompt: list[int], n: int) -> list[int]:
     return new
 
 
+def llamacpp_version() -> str:
+    from importlib.metadata import version
+
+    return f"llama-cpp-python {version('llama-cpp-python')}"
+
+
 def leading_agreement(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -506,6 +514,16 @@ def run(args) -> dict:
             model, "torch", lambda: ours_generate(llm, prompt, new_tokens, "off"))
         variants["kernel_only"] = lambda: matmuls_only(model, new_tokens, matvec.linear)
     result["matvec"] = "kernel" if model.use_kernel else "torch"
+    if args.with_llamacpp:
+        # llama.cpp over the same weights (benchmarks/llamacpp.py): converted to GGUF once, then
+        # greedy decode from the same token ids, with torch's thread count.
+        log("llama.cpp: converting and loading ...")
+        gguf_path = Path(tempfile.gettempdir()) / "llama-tracer-bench" / "gguf" / f"{args.model}-f16.gguf"
+        lcpp = llamacpp.runner(Path(folder), cfg, gguf_path, torch.get_num_threads(), prompt_len + new_tokens + 8)
+        result["llamacpp"] = {"gguf": str(gguf_path), "load_seconds": lcpp.load_seconds,
+                              "version": llamacpp_version()}
+        lcpp.generate(prompt, 4)  # warm-up
+        variants["llamacpp"] = lambda: lcpp.generate(prompt, new_tokens)
     if not model.use_kernel:
         result["matvec_unavailable_because"] = matvec.kernel().reason or "not a CPU run"
     if args.compile:
@@ -547,6 +565,8 @@ def run(args) -> dict:
         "of": new_tokens,
         "ours_variants_identical": tokens["ours_off"] == tokens["ours_light"] == tokens["ours_full"]
         == tokens["bare"],
+        **({"llamacpp_leading_equal_to_ours": leading_agreement(tokens["ours_off"], tokens["llamacpp"])}
+           if "llamacpp" in tokens else {}),
     }
     result["decode"] = decode
 
@@ -581,6 +601,10 @@ def run(args) -> dict:
         **({"kernel_only_over_matmuls_only": d["kernel_only"]["tokens_per_s"] / d["matmuls_only"]["tokens_per_s"],
             "decode_off_kernel_over_torch_matvec":
             d["ours_off"]["tokens_per_s"] / d["ours_off_torch_matvec"]["tokens_per_s"]} if "kernel_only" in d else {}),
+        **({"decode_llamacpp_over_transformers": d["llamacpp"]["tokens_per_s"] / d["transformers"]["tokens_per_s"],
+            "decode_ours_best_over_llamacpp": max(d["ours_off"]["tokens_per_s"],
+                                                  d.get("ours_compiled", {}).get("tokens_per_s", 0))
+            / d["llamacpp"]["tokens_per_s"]} if "llamacpp" in d else {}),
         "prefill_ours_over_transformers": p["ours"]["tokens_per_s"] / p["transformers"]["tokens_per_s"],
         "load_seconds_ours_over_transformers": ld["ours"]["seconds"] / ld["transformers"]["seconds"],
     }
@@ -627,8 +651,8 @@ def table(r: dict) -> str:
         "| decode variant | tok/s (median) | ms/token | all repeats, tok/s |",
         "|---|---|---|---|",
     ]
-    for name in ("transformers", "matmuls_only", "kernel_only", "bare", "ours_off_torch_matvec", "ours_off",
-                 "ours_light", "ours_full", "ours_compiled"):
+    for name in ("transformers", "llamacpp", "matmuls_only", "kernel_only", "bare", "ours_off_torch_matvec",
+                 "ours_off", "ours_light", "ours_full", "ours_compiled"):
         if name not in d:
             continue
         v = d[name]
@@ -659,6 +683,14 @@ def table(r: dict) -> str:
             "ours (off) on F.linear",
             "",
         ]
+    if "llamacpp" in d:
+        lines += [
+            f"llama.cpp ({r['llamacpp']['version']}, same weights as float16 GGUF, greedy from the same ids): "
+            f"{d['llamacpp']['tokens_per_s']:.2f} tok/s = {r['ratios']['decode_llamacpp_over_transformers']:.2f}x "
+            f"transformers; our best is {r['ratios']['decode_ours_best_over_llamacpp']:.2f}x llama.cpp; its greedy "
+            f"tokens equal ours for the first {d['greedy_tokens_agree_with_transformers']['llamacpp_leading_equal_to_ours']}",
+            "",
+        ]
     lines += [
         "goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["goals"].items()),
     ]
@@ -678,6 +710,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--compile", action="store_true",
                     help="also time the opt-in compiled decode step (tracer.load(compile=True)) for capture off")
+    ap.add_argument("--with-llamacpp", action="store_true",
+                    help=f"add llama.cpp on the same weights (CPU; needs: {llamacpp.INSTALL})")
     ap.add_argument("--load-worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -685,6 +719,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
         load_worker(args.load_worker, args.folder, args.device, args.dtype)
         return
+    if args.with_llamacpp and (args.device != "cpu" or llamacpp.available()):
+        ap.error(f"--with-llamacpp: {llamacpp.available() or 'CPU only here (the build is the CPU one)'}")
     result = run(args)
     print(table(result))
     if args.out:

@@ -56,3 +56,97 @@ def test_benchmarks_readme_quotes_the_committed_results():
     from benchmarks import report
 
     assert report.README.read_text() == report.updated_readme(), "run: python -m benchmarks.report --write"
+
+
+def test_llamacpp_conversion_reorders_q_and_k_for_interleaved_rope():
+    """llama.cpp rotates neighbouring pairs (2i, 2i+1); HF and we rotate (i, i + d/2). With the
+    projection rows re-ordered per head, attention scores come out the same."""
+    import numpy as np
+    import torch
+
+    from benchmarks.llamacpp import rope_pairs_to_neighbours
+    from tracer.model import apply_rope
+
+    heads, d, dim, T = 4, 8, 16, 5
+    g = torch.Generator().manual_seed(0)
+    wq, wk = torch.randn(heads * d, dim, generator=g), torch.randn(heads * d, dim, generator=g)
+    x = torch.randn(T, dim, generator=g)
+    theta = torch.arange(T)[:, None] * 10000.0 ** (-torch.arange(d // 2) / (d // 2))  # [T, d/2]
+    cos, sin = theta.cos(), theta.sin()
+
+    def half_split(q):  # [T, H, d]: our own RoPE, pairs (i, i + d/2)
+        return apply_rope(q[None], torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))[0]
+
+    def neighbours(q):  # pairs (2i, 2i + 1)
+        a, b = q[..., 0::2], q[..., 1::2]
+        c, s = cos[:, None], sin[:, None]
+        return torch.stack([a * c - b * s, b * c + a * s], dim=-1).flatten(-2)
+
+    def scores(wq, wk, rope):
+        q, k = (rope((x @ w.T).view(T, heads, d)) for w in (wq, wk))
+        return torch.einsum("thd,shd->hts", q, k)
+
+    ours = scores(wq, wk, half_split)
+    reordered = [torch.from_numpy(rope_pairs_to_neighbours(w.numpy(), heads)) for w in (wq, wk)]
+    torch.testing.assert_close(scores(*reordered, neighbours), ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(scores(wq, wk, neighbours), ours, atol=1e-3)  # the re-ordering is needed
+    assert np.array_equal(rope_pairs_to_neighbours(np.arange(8.0).reshape(8, 1), 2).ravel(),
+                          [0, 2, 1, 3, 4, 6, 5, 7])
+
+
+def test_llamacpp_tensor_names():
+    import pytest
+
+    from benchmarks.llamacpp import gguf_name
+
+    assert gguf_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
+    assert gguf_name("model.layers.0.mlp.down_proj.weight") == "blk.0.ffn_down.weight"
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+    with pytest.raises(ValueError, match="no GGUF name"):
+        gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq")
+
+
+def test_llamacpp_gguf_holds_every_weight_reordered_where_rope_needs_it(make_checkpoint, tmp_path):
+    """The GGUF written for --with-llamacpp: names, shapes, float16 matrices, re-ordered q/k, tied
+    embeddings without output.weight, and Llama 3.1's RoPE divisors."""
+    import dataclasses
+
+    import numpy as np
+    import pytest
+
+    gguf = pytest.importorskip("gguf")
+    from benchmarks.llamacpp import rope_pairs_to_neighbours, write_gguf
+    from tracer.config import LlamaConfig
+    from tracer.model import rope_inv_freq
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    folder, hf = make_checkpoint(tie=True, rope_scaling=rope, rope_theta=500000.0, shard_size="60KB")
+    cfg = LlamaConfig.from_file(folder / "config.json")
+    out = write_gguf(folder, cfg, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors and len(tensors) == 2 + 9 * cfg.num_hidden_layers + 1
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+
+    def data(name):
+        t = tensors[name]
+        return np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)])
+
+    q = data("blk.1.attn_q.weight")
+    assert q.dtype == np.float16
+    expected = rope_pairs_to_neighbours(sd["model.layers.1.self_attn.q_proj.weight"], cfg.num_attention_heads)
+    np.testing.assert_allclose(q, expected.astype(np.float16), rtol=0, atol=0)
+    k = data("blk.0.attn_k.weight")
+    np.testing.assert_allclose(k, rope_pairs_to_neighbours(sd["model.layers.0.self_attn.k_proj.weight"],
+                                                           cfg.num_key_value_heads).astype(np.float16))
+    np.testing.assert_allclose(data("blk.0.ffn_down.weight"),
+                               sd["model.layers.0.mlp.down_proj.weight"].astype(np.float16))
+    assert data("output_norm.weight").dtype == np.float32
+    plain = rope_inv_freq(dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, rope_type="default")))
+    divisors = data("rope_freqs.weight")
+    np.testing.assert_allclose(divisors, (plain / rope_inv_freq(cfg)).numpy(), rtol=1e-6)
+    assert divisors.max() == pytest.approx(8.0) and divisors.min() == pytest.approx(1.0)
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "no_vocab"
+    assert int(fields["llama.vocab_size"].parts[-1][0]) == cfg.vocab_size
