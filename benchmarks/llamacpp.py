@@ -3,8 +3,8 @@
 llama.cpp is the CPU engine people pick instead of transformers. PyPI's ``llama-cpp-python`` builds
 it from source (``pip install -e .[llamacpp]``: about ten minutes on two cores, with cmake and a C++
 compiler); ``gguf`` writes its file format. To time it on the very weights the other columns use,
-the checkpoint's safetensors are written once to a float16 GGUF file in the benchmark's cache
-folder. The file has no tokenizer (``no_vocab``): the benchmark feeds token ids, as everywhere.
+the checkpoint's safetensors are written once to a GGUF file in the run's dtype (float16 or
+float32) in the benchmark's cache folder. The file has no tokenizer (``no_vocab``): the benchmark feeds token ids, as everywhere.
 
 What the conversion must get right, so that llama.cpp computes the same function as ours:
 - q and k projections are re-ordered. HF's RoPE rotates the pairs (i, i + d/2) of each head, while
@@ -72,12 +72,17 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{LAYER_NAMES[rest]}"
 
 
-def write_gguf(folder: Path, cfg: LlamaConfig, out: Path) -> Path:
-    """The checkpoint in ``folder`` as a float16 GGUF file at ``out`` (reused while newer than the
-    checkpoint's config.json)."""
+GGUF_TYPES = {"float16": np.float16, "float32": np.float32}  # numpy has no bfloat16
+
+
+def write_gguf(folder: Path, cfg: LlamaConfig, out: Path, dtype: str = "float16") -> Path:
+    """The checkpoint in ``folder`` as a GGUF file at ``out`` with matrices in ``dtype`` (reused
+    while newer than the checkpoint's config.json)."""
     import gguf
     from safetensors import safe_open
 
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"llama.cpp comparison: dtype must be one of {list(GGUF_TYPES)}, got {dtype!r}")
     if out.is_file() and out.stat().st_mtime >= (folder / "config.json").stat().st_mtime:
         return out
     index = folder / "model.safetensors.index.json"
@@ -97,7 +102,7 @@ def write_gguf(folder: Path, cfg: LlamaConfig, out: Path) -> Path:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("no_vocab")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
     if cfg.rope.rope_type == "llama3":
         plain = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, rope_type="default"))
         w.add_tensor("rope_freqs.weight", (rope_inv_freq(plain) / rope_inv_freq(cfg)).numpy().astype(np.float32))
@@ -112,7 +117,7 @@ def write_gguf(folder: Path, cfg: LlamaConfig, out: Path) -> Path:
                 elif name.endswith("k_proj.weight"):
                     t = rope_pairs_to_neighbours(t, cfg.num_key_value_heads)
                 # Norm weights stay float32, as llama.cpp's own converter keeps 1-D tensors.
-                w.add_tensor(gguf_name(name), t.astype(np.float32 if t.ndim == 1 else np.float16))
+                w.add_tensor(gguf_name(name), t.astype(np.float32 if t.ndim == 1 else GGUF_TYPES[dtype]))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -148,8 +153,8 @@ class LlamaCppRunner:
         return out
 
 
-def runner(folder: Path, cfg: LlamaConfig, gguf_path: Path, threads: int, n_ctx: int) -> LlamaCppRunner:
-    """Convert the checkpoint to ``gguf_path`` (once) and load it in llama.cpp."""
+def runner(folder: Path, cfg: LlamaConfig, gguf_path: Path, dtype: str, threads: int, n_ctx: int) -> LlamaCppRunner:
+    """Convert the checkpoint to ``gguf_path`` in ``dtype`` (once) and load it in llama.cpp."""
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    path = write_gguf(folder, cfg, gguf_path)
+    path = write_gguf(folder, cfg, gguf_path, dtype)
     return LlamaCppRunner(path, threads or torch.get_num_threads(), n_ctx)

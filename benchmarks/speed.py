@@ -518,8 +518,9 @@ def run(args) -> dict:
         # llama.cpp over the same weights (benchmarks/llamacpp.py): converted to GGUF once, then
         # greedy decode from the same token ids, with torch's thread count.
         log("llama.cpp: converting and loading ...")
-        gguf_path = Path(tempfile.gettempdir()) / "llama-tracer-bench" / "gguf" / f"{args.model}-f16.gguf"
-        lcpp = llamacpp.runner(Path(folder), cfg, gguf_path, torch.get_num_threads(), prompt_len + new_tokens + 8)
+        gguf_path = Path(tempfile.gettempdir()) / "llama-tracer-bench" / "gguf" / f"{args.model}-{dtype_name}.gguf"
+        lcpp = llamacpp.runner(Path(folder), cfg, gguf_path, dtype_name, torch.get_num_threads(),
+                               prompt_len + new_tokens + 8)
         result["llamacpp"] = {"gguf": str(gguf_path), "load_seconds": lcpp.load_seconds,
                               "version": llamacpp_version()}
         lcpp.generate(prompt, 4)  # warm-up
@@ -685,7 +686,7 @@ def table(r: dict) -> str:
         ]
     if "llamacpp" in d:
         lines += [
-            f"llama.cpp ({r['llamacpp']['version']}, same weights as float16 GGUF, greedy from the same ids): "
+            f"llama.cpp ({r['llamacpp']['version']}, same weights as {r['dtype']} GGUF, greedy from the same ids): "
             f"{d['llamacpp']['tokens_per_s']:.2f} tok/s = {r['ratios']['decode_llamacpp_over_transformers']:.2f}x "
             f"transformers; our best is {r['ratios']['decode_ours_best_over_llamacpp']:.2f}x llama.cpp; its greedy "
             f"tokens equal ours for the first {d['greedy_tokens_agree_with_transformers']['llamacpp_leading_equal_to_ours']}",
@@ -721,6 +722,8 @@ def main(argv=None) -> None:
         return
     if args.with_llamacpp and (args.device != "cpu" or llamacpp.available()):
         ap.error(f"--with-llamacpp: {llamacpp.available() or 'CPU only here (the build is the CPU one)'}")
+    if args.with_llamacpp and args.dtype not in (None, *llamacpp.GGUF_TYPES):
+        ap.error(f"--with-llamacpp: --dtype must be one of {list(llamacpp.GGUF_TYPES)}, got {args.dtype}")
     result = run(args)
     print(table(result))
     if args.out:
