@@ -221,13 +221,13 @@ class Decoder:
             # multinomial refuses nan/inf with a bare RuntimeError: name the cause first. Greedy
             # argmax copes with them, so there the check rides on the step's one host copy.
             self._check_finite(logits, step)
+            self._draw_states[step] = self.generator.get_state()  # for branch(): before the draw
         if self.capture.policy == "off":
             return self._sample_untraced(logits, prev, force_id, step)
         t0, started = time.perf_counter(), time.time()
         stages = sampling.stage_scores(logits[None], prev, s)
         drawn = None  # the token, when it must come from the device
         if force_id is None and s.do_sample:
-            self._draw_states[step] = self.generator.get_state()
             drawn = sampling.choose(stages["final"], do_sample=True, generator=self.generator)[0]
         # Greedy: argmax of the processed scores, as transformers does (not of the softmax). The
         # recorded top-k of that stage already holds it, so no separate argmax runs.
@@ -237,8 +237,6 @@ class Decoder:
     def _sample_untraced(self, logits, prev, force_id, step) -> StepRecord:
         """capture="off": the sampling chain, nothing kept, one host sync for id + finiteness."""
         if force_id is None:
-            if self.settings.do_sample:
-                self._draw_states[step] = self.generator.get_state()
             token = sampling.next_token(logits[None], prev, self.settings, self.generator)[0]
         else:
             token = torch.tensor(force_id, device=logits.device)
