@@ -64,12 +64,13 @@ def rope_pairs_to_neighbours(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_name(hf_name: str) -> str:
+    """llama.cpp's name for a transformers Llama tensor name."""
     if hf_name in TOP_NAMES:
         return TOP_NAMES[hf_name]
-    prefix, layer, rest = hf_name.split(".", 3)[1], hf_name.split(".")[2], hf_name.split(".", 3)[3]
-    if prefix != "layers" or rest not in LAYER_NAMES:
+    parts = hf_name.split(".", 3)  # model, layers, i, rest
+    if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in LAYER_NAMES:
         raise ValueError(f"no GGUF name for tensor {hf_name!r}")
-    return f"blk.{layer}.{LAYER_NAMES[rest]}"
+    return f"blk.{parts[2]}.{LAYER_NAMES[parts[3]]}"
 
 
 GGUF_TYPES = {"float16": np.float16, "float32": np.float32}  # numpy has no bfloat16

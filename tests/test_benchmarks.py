@@ -104,6 +104,8 @@ def test_llamacpp_tensor_names():
     assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
     with pytest.raises(ValueError, match="no GGUF name"):
         gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq")
+    with pytest.raises(ValueError, match="no GGUF name"):
+        gguf_name("score.weight")
 
 
 def test_llamacpp_gguf_holds_every_weight_reordered_where_rope_needs_it(make_checkpoint, tmp_path):
