@@ -9,7 +9,8 @@ reaches the read rate; ``benchmarks/speed.py`` measures both. For a prompt (seve
 float16/bfloat16, torch's matmul here makes one pass over the weights per row; the kernel widens
 each group of weight rows once and reuses it for up to 64 rows (about 3x faster for 16 rows).
 
-The kernel is built once, at first use, with the system C compiler (``$CC``, else ``cc``) into
+The kernel (with ``kernels/attend.c``, one decode token's attention: see ``attend.py``) is built
+once, at first use, with the system C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/llama-tracer`` and loaded with ctypes; no torch headers are needed. Where it
 cannot be used (not x86-64 with AVX2, no compiler, a GPU tensor, several float32 rows, a bias, a
 layout other than contiguous rows) :func:`linear` is exactly ``F.linear``. Results differ from
@@ -32,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCE = Path(__file__).with_name("kernels") / "matvec.c"
+# One library: the products (matvec.c) and one decode token's attention (attend.c, see attend.py).
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("matvec.c", "attend.c"))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+LIBS = ["-lm"]  # expf, in attend.c
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # Below this many weights a product is a few microseconds either way; torch's call is fine.
 _MIN_WEIGHTS = 4096
@@ -76,6 +79,17 @@ class Kernel:
             fns[dtype] = fn
         return fns
 
+    @functools.cached_property
+    def _attend_fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
+        fns = {}
+        for dtype, suffix in _SUFFIX.items():
+            fn = getattr(self._lib, f"attend_{suffix}")
+            p, n = ctypes.c_void_p, ctypes.c_long
+            fn.argtypes = [p, p, p, p, p, n, n, n, n, n, ctypes.c_float, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            fns[dtype] = fn
+        return fns
+
     @property
     def available(self) -> bool:
         return self.path is not None
@@ -96,6 +110,26 @@ class Kernel:
         )
         if status != 0:
             raise MemoryError(f"matvec kernel: no memory for a {x.shape[0]} x {K} float32 buffer")
+        return out
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, scale: float,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """out = softmax(q . k[:, :p+1] * scale) . v[:, :p+1], p = position[0] (``attend.c``).
+
+        q and out are contiguous [Hkv, n_rep, hd]; k and v are [Hkv, S, hd] with contiguous rows
+        (one stride between heads); position is a one-element int64 tensor.
+        """
+        Hkv, n_rep, hd = q.shape
+        status = self._attend_fns[q.dtype](
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), position.data_ptr(),
+            Hkv, n_rep, hd, k.shape[1], k.stride(0), scale, torch.get_num_threads(),
+        )
+        if status == -2:
+            raise IndexError(f"attention kernel: position {int(position)} is outside the cache's {k.shape[1]} slots")
+        if status != 0:
+            raise MemoryError(f"attention kernel: no memory for {n_rep} x {int(position) + 1} float32 scores")
         return out
 
 
@@ -123,7 +157,8 @@ def kernel() -> Kernel:
         return Kernel(None, f"no C compiler: {cc!r} cannot be run ({e.strerror}); set CC to one")
     except subprocess.CalledProcessError:
         return Kernel(None, f"no C compiler: '{cc} --version' failed; set CC to one")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
+    sources = b"".join(src.read_bytes() for src in SOURCES)
+    key = hashlib.sha256(sources + " ".join(FLAGS + LIBS).encode() + version.encode()).hexdigest()
     path = _cache_dir() / f"matvec-{key[:16]}.so"
     if not path.exists():
         try:
@@ -132,7 +167,7 @@ def kernel() -> Kernel:
             os.close(fd)
             try:
                 subprocess.run(
-                    [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True,
+                    [cc, *FLAGS, *map(str, SOURCES), *LIBS, "-o", tmp], capture_output=True, text=True, check=True,
                     timeout=300,
                 )
                 os.replace(tmp, path)
@@ -140,14 +175,14 @@ def kernel() -> Kernel:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         except subprocess.CalledProcessError as e:
-            return Kernel(None, f"building {SOURCE.name} with {cc} failed: {e.stderr.strip()[:500]}")
+            return Kernel(None, f"building {', '.join(src.name for src in SOURCES)} with {cc} failed: {e.stderr.strip()[:500]}")
         except subprocess.TimeoutExpired:
-            return Kernel(None, f"building {SOURCE.name} with {cc} took over 300 s; gave up")
+            return Kernel(None, f"building the kernels with {cc} took over 300 s; gave up")
         except OSError as e:
             return Kernel(None, f"could not build the kernel into {path.parent}: {e}")
     built = Kernel(path)
     try:  # load it now, so that a library that will not load means "no kernel", not a crash later
-        built._fns, built._rows_fns  # noqa: B018
+        built._fns, built._rows_fns, built._attend_fns  # noqa: B018
     except (OSError, AttributeError) as e:
         return Kernel(None, f"could not load {path}: {e}; delete it to rebuild")
     return built

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attend
 from .config import LlamaConfig
 from .errors import DeviceError
 from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
@@ -250,6 +251,9 @@ class Attention(nn.Module):
         )
         self.wo = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        # Decode attention on tracer/attend.py's kernel (LlamaModel.set_matvec), for caches of at
+        # least kernel_min_keys key elements per layer.
+        self.use_kernel, self.kernel_min_keys = False, attend.MIN_KEYS
         self.hook_q, self.hook_k, self.hook_v, self.hook_pattern, self.hook_z, self.hook_out = (
             HookPoint(block_point(layer, p))
             for p in ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out")
@@ -298,6 +302,9 @@ class Attention(nn.Module):
             q = q.reshape(B, Hkv, n_rep, hd)  # [B, Hkv, n_rep, hd]: head h = kv * n_rep + r
             if visible is None:
                 z = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, Hkv, n_rep, hd]
+            elif self.use_kernel and Hkv * k.shape[2] * hd >= self.kernel_min_keys and attend.fits(q, k, v, start):
+                # The same math on the CPU kernel, which reads only the slots written so far.
+                z = attend.decode_attention(q, k, v, start, self.scale)  # [B, Hkv, n_rep, hd]
             else:
                 z = _masked_decode_attention(q, k, v, visible, self.scale)  # [B, Hkv, n_rep, hd]
             z = z.reshape(B, H, 1, hd)  # [B, H, 1, hd]
@@ -422,7 +429,7 @@ class LlamaModel(nn.Module):
         use = mode != "torch" and k.available and self.device.type == "cpu"
         self.use_kernel = use
         for m in self.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, Attention)):
                 m.use_kernel = use
         return "kernel" if use else "torch"
 

@@ -1,0 +1,144 @@
+"""tracer/attend.py: one decode token's attention on the CPU kernel, and when the model uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_model import small_model
+
+import tracer
+from tracer import attend, matvec
+from tracer.model import _masked_decode_attention
+
+KERNEL = matvec.kernel()
+needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# One rounding of the float32 result to the storage type, plus float32 summation differences.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _inputs(Hkv, n_rep, hd, S, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, Hkv, n_rep, hd, generator=g).to(dtype)
+    k = (2 * torch.randn(1, Hkv, S, hd, generator=g)).to(dtype)  # peaked enough to matter
+    v = torch.randn(1, Hkv, S, hd, generator=g).to(dtype)
+    return q, k, v
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    Hkv=st.integers(1, 4), n_rep=st.integers(1, 16), hd=st.sampled_from([8, 16, 64, 128, 256]),
+    S=st.integers(1, 40), data=st.data(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 99),
+)
+def test_kernel_matches_the_masked_attention_it_replaces(Hkv, n_rep, hd, S, data, dtype, seed):
+    """Slots after the position are garbage (nan, inf): the kernel never reads them, and what it
+    computes over the rest is what model._masked_decode_attention computes over every slot."""
+    pos = data.draw(st.integers(0, S - 1))
+    q, k, v = _inputs(Hkv, n_rep, hd, S, dtype, seed)
+    position = torch.tensor([pos])
+    scale = hd**-0.5
+    with torch.inference_mode():
+        want = _masked_decode_attention(q, k, v, (torch.arange(S) <= pos)[None], scale)
+        k[:, :, pos + 1 :] = float("nan")
+        v[:, :, pos + 1 :] = float("inf")
+        assert attend.fits(q, k, v, position)
+        got = attend.decode_attention(q, k, v, position, scale)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@needs_kernel
+def test_a_cache_slice_with_a_head_stride_is_read_correctly():
+    """Keys of a longer cache, sliced to the slots written (the eager layout): rows stay
+    contiguous, heads are max_len rows apart."""
+    q, k, v = _inputs(2, 3, 16, 32, torch.float16, 0)
+    position = torch.tensor([9])
+    with torch.inference_mode():
+        want = _masked_decode_attention(q, k[:, :, :10], v[:, :, :10], torch.ones(1, 10, dtype=torch.bool), 0.25)
+        assert attend.fits(q, k[:, :, :10], v[:, :, :10], position)
+        got = attend.decode_attention(q, k[:, :, :10], v[:, :, :10], position, 0.25)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pos", [-1, 32])
+def test_a_position_outside_the_cache_is_refused(pos):
+    q, k, v = _inputs(2, 2, 8, 32, torch.float32, 0)
+    with torch.inference_mode(), pytest.raises(IndexError, match=f"position {pos} is outside the cache's 32 slots"):
+        attend.decode_attention(q, k, v, torch.tensor([pos]), 1.0)
+
+
+def test_fits_only_what_the_kernel_can_do():
+    q, k, v = _inputs(2, 4, 16, 8, torch.float16, 0)
+    pos = torch.tensor([3])
+    with torch.inference_mode():
+        assert attend.fits(q, k, v, pos)
+        assert not attend.fits(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), pos)  # batch
+        assert not attend.fits(q[..., :12], k[..., :12], v[..., :12], pos)  # hd not a multiple of 8
+        assert not attend.fits(q.float(), k, v, pos)  # mixed dtypes
+        assert not attend.fits(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, pos)  # rows not contiguous
+        assert not attend.fits(q, k, v, pos.int())
+        assert not attend.fits(q, k, v, torch.tensor([1, 2]))
+        assert not attend.fits(_inputs(1, 17, 16, 8, torch.float16, 0)[0], k[:, :1], v[:, :1], pos)  # n_rep > 16
+    assert not attend.fits(q, k, v, pos)  # autograd on
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv", [6, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_model_step_on_the_kernel_equals_forward(kv, dtype):
+    """LlamaModel.step with the kernel (set_matvec) gives forward's logits, step after step, with
+    nan in every slot not yet written."""
+    model = small_model(num_key_value_heads=kv).to(dtype)
+    assert model.set_matvec("kernel") == "kernel"
+    assert all(b.attn.use_kernel for b in model.blocks)
+    for b in model.blocks:
+        b.attn.kernel_min_keys = 0  # this cache is far below the size where the model would use it
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        a, b = model.new_cache(len(ids) + 6), model.new_cache(len(ids) + 6)
+        model(torch.tensor([ids]), a, last_only=True)
+        model(torch.tensor([ids]), b, last_only=True)
+        for t in b.keys + b.values:
+            t[:, :, len(ids) :] = float("nan")
+        token = torch.tensor([[5]])
+        for _ in range(5):
+            start = a.length
+            want = model(token, a, last_only=True)[:, -1]
+            got = model.step(token, torch.tensor([start]), b)
+            b.length = start + 1
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            token = want.argmax(-1, keepdim=True)
+
+
+def test_set_matvec_torch_turns_the_attention_kernel_off():
+    llm = tracer.load(None, dtype="float32", progress=False)
+    assert llm.model.set_matvec("torch") == "torch"
+    assert not any(b.attn.use_kernel for b in llm.model.blocks)
+    expected = KERNEL.available
+    llm.model.set_matvec("auto")
+    assert all(b.attn.use_kernel == expected for b in llm.model.blocks)
+
+
+@needs_kernel
+def test_the_model_uses_the_kernel_only_for_caches_of_min_keys_or_more():
+    """Below attend.MIN_KEYS cached key elements per layer the compiled loops are as fast: the
+    model keeps them. Seen through nan in unwritten value slots, which only the masked torch
+    attention multiplies (by a zero weight, giving nan)."""
+    model = small_model().to(torch.float16)
+    model.set_matvec("kernel")
+    cfg = model.config
+    per_slot = cfg.num_key_value_heads * cfg.head_dim
+    assert attend.MIN_KEYS % per_slot == 0
+    with torch.inference_mode():
+        for slots, kernel_used in ((attend.MIN_KEYS // per_slot - 1, False), (attend.MIN_KEYS // per_slot, True)):
+            cache = model.new_cache(slots)
+            model(torch.tensor([[1, 2, 3]]), cache)
+            for t in cache.values:
+                t[:, :, 4:] = float("nan")
+            logits = model.step(torch.tensor([[4]]), torch.tensor([3]), cache)
+            assert bool(logits.isfinite().all()) == kernel_used, slots
