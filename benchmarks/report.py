@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .decode_attention import table as attention_table
 from .speed import table
 
 HERE = Path(__file__).resolve().parent
@@ -81,11 +82,32 @@ def trace_cost_section(path: Path) -> str:
     return "\n".join(lines)
 
 
+def attention_section(path: Path) -> str:
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    title = f"{TITLES.get(r['model']['name'], r['model']['name'])}, {r['dtype']}, {m['device']}, {m['torch_threads']} threads"
+    return "\n".join([
+        f"### Decode attention in the compiled step, {title}: `results/{path.name}`",
+        "",
+        f"Measured {r['date']}. `python -m benchmarks.decode_attention --model {r['model']['name']} "
+        f"--dtype {r['dtype']}`: {r['repeats']} steps of each, alternating. torch = the fused loops over every "
+        "slot; kernel = `tracer/kernels/attend.c` over the slots written. The model uses the kernel from "
+        "`tracer.attend.MIN_KEYS` key elements per layer.",
+        "",
+        attention_table(r),
+    ])
+
+
 def render() -> str:
     parts = []
     for path in sorted(RESULTS.glob("*.json")):
         r = json.loads(path.read_text())
-        parts.append(trace_cost_section(path) if "trace_bytes_on_disk" in r else speed_section(path))
+        if "trace_bytes_on_disk" in r:
+            parts.append(trace_cost_section(path))
+        elif r.get("benchmark", "").startswith("llama-tracer decode attention"):
+            parts.append(attention_section(path))
+        else:
+            parts.append(speed_section(path))
     return "\n\n".join(parts)
 
 

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tracer import matvec
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,6 +53,25 @@ def test_trace_cost_small_run_writes_results(tmp_path):
     sizes = r["trace_bytes_on_disk"]
     assert 0 < sizes["light"] < sizes["full"]
     assert len(r["goals"]) == 2 and all(isinstance(v, bool) for v in r["goals"].values())
+
+
+@pytest.mark.skipif(not matvec.kernel().available, reason="the benchmark compares against the CPU kernel")
+def test_decode_attention_small_run_writes_results(tmp_path):
+    out = tmp_path / "attention.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.decode_attention", "--model", "embedded", "--dtype", "float32",
+         "--slots", "256", "--repeats", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    (size,) = r["sizes"]
+    assert size["slots"] == 256 and size["positions"] == [128, 192]
+    assert all(size["ms_per_step"][k] > 0 and len(size["ms_per_step_all"][k]) == 2 for k in ("torch", "kernel"))
+    assert "| cache slots |" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.decode_attention", "--slots", "300"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "multiples of 256" in bad.stderr
 
 
 def test_benchmarks_readme_quotes_the_committed_results():
