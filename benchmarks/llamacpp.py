@@ -76,15 +76,20 @@ def gguf_name(hf_name: str) -> str:
 GGUF_TYPES = {"float16": np.float16, "float32": np.float32}  # numpy has no bfloat16
 
 
+def is_fresh(out: Path, *inputs: Path) -> bool:
+    """Whether ``out`` exists and is no older than any of ``inputs`` (a cached conversion)."""
+    return out.is_file() and all(out.stat().st_mtime >= p.stat().st_mtime for p in inputs)
+
+
 def write_gguf(folder: Path, cfg: LlamaConfig, out: Path, dtype: str = "float16") -> Path:
     """The checkpoint in ``folder`` as a GGUF file at ``out`` with matrices in ``dtype`` (reused
-    while newer than the checkpoint's config.json)."""
+    while newer than the checkpoint's config.json and than this converter)."""
     import gguf
     from safetensors import safe_open
 
     if dtype not in GGUF_TYPES:
         raise ValueError(f"llama.cpp comparison: dtype must be one of {list(GGUF_TYPES)}, got {dtype!r}")
-    if out.is_file() and out.stat().st_mtime >= (folder / "config.json").stat().st_mtime:
+    if is_fresh(out, folder / "config.json", Path(__file__)):
         return out
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]

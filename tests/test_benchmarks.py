@@ -175,3 +175,18 @@ def test_llamacpp_gguf_holds_every_weight_reordered_where_rope_needs_it(make_che
     fields = {f.name: f for f in reader.fields.values()}
     assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "no_vocab"
     assert int(fields["llama.vocab_size"].parts[-1][0]) == cfg.vocab_size
+
+
+def test_a_cached_gguf_is_redone_when_the_checkpoint_or_the_converter_is_newer(tmp_path):
+    import os
+
+    from benchmarks import llamacpp
+
+    out, config, converter = (tmp_path / n for n in ("m.gguf", "config.json", "llamacpp.py"))
+    for i, p in enumerate((config, converter, out)):
+        p.write_text("x")
+        os.utime(p, (1000 + i, 1000 + i))
+    assert llamacpp.is_fresh(out, config, converter)
+    os.utime(converter, (2000, 2000))  # the converter changed after the file was written
+    assert not llamacpp.is_fresh(out, config, converter)
+    assert not llamacpp.is_fresh(tmp_path / "absent.gguf", config)
