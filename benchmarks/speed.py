@@ -70,6 +70,10 @@ GPU_PEAK_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100 80GB": 2.04,
 
 FULL_POINTS = ("blocks.0.attn.pattern", "blocks.{last}.resid_post", "logits")
 
+# Loads per loader, alternating. Two loads of each differed by up to a third on this VM, more than the
+# gap being judged; four give a median that holds from run to run.
+LOAD_RUNS = 4
+
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
@@ -440,7 +444,7 @@ def run(args) -> dict:
     )}
     for which in ("ours", "transformers"):
         load[which] = {"runs": []}
-    for _ in range(1 if quick else 2):
+    for _ in range(1 if quick else LOAD_RUNS):
         for which in ("ours", "transformers"):
             log(f"load {which} ...")
             measure = load_once if quick else measure_load
