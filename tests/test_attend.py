@@ -142,3 +142,27 @@ def test_the_model_uses_the_kernel_only_for_caches_of_min_keys_or_more():
                 t[:, :, 4:] = float("nan")
             logits = model.step(torch.tensor([[4]]), torch.tensor([3]), cache)
             assert bool(logits.isfinite().all()) == kernel_used, slots
+
+
+@needs_kernel
+def test_a_compiled_step_on_the_kernel_equals_the_eager_step():
+    """torch.compile sees the kernel as one opaque op after the cache write it depends on; its logits equal the eager step's."""
+    model = small_model().to(torch.float16)
+    model.set_matvec("kernel")
+    for b in model.blocks:
+        b.attn.kernel_min_keys = 0
+    compiled = torch.compile(model.step, dynamic=False)
+    ids = [1, 2, 3, 4, 5]
+    with torch.inference_mode():
+        a, b = model.new_cache(16), model.new_cache(16)
+        model(torch.tensor([ids]), a)
+        model(torch.tensor([ids]), b)
+        token = torch.tensor([[6]])
+        for p in range(len(ids), len(ids) + 4):
+            want = model.step(token, torch.tensor([p]), a)
+            got = compiled(token, torch.tensor([p]), b)
+            torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+            # The cache write happened before the kernel read it (compiled RoPE may round a key
+            # differently by one float16 step).
+            torch.testing.assert_close(b.keys[0][:, :, : p + 1], a.keys[0][:, :, : p + 1], atol=1e-3, rtol=4e-3)
+            token = want.argmax(-1, keepdim=True)

@@ -15,14 +15,14 @@ import torch
 
 from .matvec import _SUFFIX, kernel
 
-# The C loops keep n_rep query rows and one head's float32 accumulators on the stack.
+# The C loops widen a KV head's n_rep query rows into a float32 buffer on the stack.
 _MAX_HEAD_DIM = 256
 _MAX_REP = 16
 
 # Below this many cached key elements per layer (KV heads x slots x head dim) the loops that
 # torch.compile fuses around the rest of the layer are as fast as the kernel and its call, or
 # faster. Measured (benchmarks/decode_attention.py, positions in the cache's second half): the
-# embedded model (2 x 32 per slot) loses 0.2-0.7 ms per step at 256 and 2048 slots and gains at
+# embedded model (2 x 32 per slot) loses 0.2-0.6 ms per step at 256 and 2048 slots and gains at
 # 8192; Llama-3.2-1B shapes (8 x 64) are level at 256 and 512 slots (within 3 ms of a 100-125 ms
 # step either way, run to run) and gain from 1024 slots (a tenth of the step at 2048, a quarter
 # to a third at 8192).
