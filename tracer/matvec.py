@@ -33,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# One library: the products (matvec.c) and one decode token's attention (attend.c, see attend.py).
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("matvec.c", "attend.c"))
+# One library: the products (matvec.c) and one decode token's attention (attend.c, see attend.py),
+# both on the helpers in widen.h.
+_KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (_KERNELS / "matvec.c", _KERNELS / "attend.c")
+HEADERS = (_KERNELS / "widen.h",)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lm"]  # expf, in attend.c
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -157,7 +160,7 @@ def kernel() -> Kernel:
         return Kernel(None, f"no C compiler: {cc!r} cannot be run ({e.strerror}); set CC to one")
     except subprocess.CalledProcessError:
         return Kernel(None, f"no C compiler: '{cc} --version' failed; set CC to one")
-    sources = b"".join(src.read_bytes() for src in SOURCES)
+    sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
     key = hashlib.sha256(sources + " ".join(FLAGS + LIBS).encode() + version.encode()).hexdigest()
     path = _cache_dir() / f"matvec-{key[:16]}.so"
     if not path.exists():

@@ -11,43 +11,9 @@
  * Layouts (row-major, batch 1): q and z are [Hkv, n_rep, hd]; K and V are [Hkv, *, hd] with
  * head_stride elements between KV heads. Built into the same library as matvec.c.
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-static inline __m256 a_load8_f32(const float *p) { return _mm256_loadu_ps(p); }
-static inline __m256 a_load8_f16(const uint16_t *p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-}
-static inline __m256 a_load8_bf16(const uint16_t *p) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-static inline void a_store8_f32(float *y, __m256 v) { _mm256_storeu_ps(y, v); }
-static inline void a_store8_f16(uint16_t *y, __m256 v) {
-    _mm_storeu_si128((__m128i *)y, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-static inline void a_store8_bf16(uint16_t *y, __m256 v) {
-    /* Round to nearest even, as torch does (NaN handling as in matvec.c's store_bf16). */
-    float f[8];
-    _mm256_storeu_ps(f, v);
-    for (int i = 0; i < 8; i++) {
-        uint32_t bits;
-        memcpy(&bits, f + i, 4);
-        if ((bits & 0x7fffffffu) > 0x7f800000u) { y[i] = (uint16_t)((bits >> 16) | 0x40); continue; }
-        bits += 0x7fffu + ((bits >> 16) & 1u);
-        y[i] = (uint16_t)(bits >> 16);
-    }
-}
-
-static inline float a_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "widen.h"
 
 /* Limits the caller checks (tracer/attend.py): hd a multiple of 8 up to 256, n_rep up to 16
  * (the query rows are widened once, into a buffer on the stack). */
@@ -76,7 +42,7 @@ static inline float a_hsum(__m256 v) {
             float qf[MAX_REP][MAX_HD];                                                          \
             for (long r = 0; r < n_rep; r++)                                                    \
                 for (long c = 0; c < hd; c += 8)                                                \
-                    _mm256_storeu_ps(qf[r] + c, a_load8_##NAME(q + (g * n_rep + r) * hd + c));  \
+                    _mm256_storeu_ps(qf[r] + c, load8_##NAME(q + (g * n_rep + r) * hd + c));  \
             /* Scores, a query row at a time: that row and two accumulators stay in registers,    \
              * and the head's keys (a few kB per hundred slots) stay in the L1/L2 cache. */       \
             const T *Kg = K + g * head_stride, *Vg = V + g * head_stride;                       \
@@ -85,14 +51,14 @@ static inline float a_hsum(__m256 v) {
                 float *sr = s + r * n;                                                          \
                 for (long j = 0; j < n; j++) {                                                  \
                     const T *kj = Kg + j * hd;                                                  \
-                    __m256 a0 = _mm256_mul_ps(a_load8_##NAME(kj), _mm256_loadu_ps(qr));         \
+                    __m256 a0 = _mm256_mul_ps(load8_##NAME(kj), _mm256_loadu_ps(qr));         \
                     __m256 a1 = _mm256_setzero_ps();                                            \
                     for (long c = 8; c + 8 <= hd; c += 16) {                                    \
-                        a1 = _mm256_fmadd_ps(a_load8_##NAME(kj + c), _mm256_loadu_ps(qr + c), a1); \
+                        a1 = _mm256_fmadd_ps(load8_##NAME(kj + c), _mm256_loadu_ps(qr + c), a1); \
                         if (c + 16 <= hd)                                                       \
-                            a0 = _mm256_fmadd_ps(a_load8_##NAME(kj + c + 8), _mm256_loadu_ps(qr + c + 8), a0); \
+                            a0 = _mm256_fmadd_ps(load8_##NAME(kj + c + 8), _mm256_loadu_ps(qr + c + 8), a0); \
                     }                                                                           \
-                    sr[j] = a_hsum(_mm256_add_ps(a0, a1)) * scale;                              \
+                    sr[j] = hsum(_mm256_add_ps(a0, a1)) * scale;                              \
                 }                                                                               \
             }                                                                                   \
             /* Softmax per query row, in float32, shifted by the row's maximum. */              \
@@ -113,15 +79,15 @@ static inline float a_hsum(__m256 v) {
                     for (long j = 0; j < n; j++) {                                              \
                         const T *vj = Vg + j * hd + c;                                          \
                         __m256 p = _mm256_set1_ps(pr[j]);                                       \
-                        a0 = _mm256_fmadd_ps(p, a_load8_##NAME(vj), a0);                        \
-                        if (w > 8) a1 = _mm256_fmadd_ps(p, a_load8_##NAME(vj + 8), a1);         \
-                        if (w > 16) a2 = _mm256_fmadd_ps(p, a_load8_##NAME(vj + 16), a2);       \
-                        if (w > 24) a3 = _mm256_fmadd_ps(p, a_load8_##NAME(vj + 24), a3);       \
+                        a0 = _mm256_fmadd_ps(p, load8_##NAME(vj), a0);                        \
+                        if (w > 8) a1 = _mm256_fmadd_ps(p, load8_##NAME(vj + 8), a1);         \
+                        if (w > 16) a2 = _mm256_fmadd_ps(p, load8_##NAME(vj + 16), a2);       \
+                        if (w > 24) a3 = _mm256_fmadd_ps(p, load8_##NAME(vj + 24), a3);       \
                     }                                                                           \
-                    a_store8_##NAME(zr + c, a0);                                                \
-                    if (w > 8) a_store8_##NAME(zr + c + 8, a1);                                 \
-                    if (w > 16) a_store8_##NAME(zr + c + 16, a2);                               \
-                    if (w > 24) a_store8_##NAME(zr + c + 24, a3);                               \
+                    store8_##NAME(zr + c, a0);                                                \
+                    if (w > 8) store8_##NAME(zr + c + 8, a1);                                 \
+                    if (w > 16) store8_##NAME(zr + c + 16, a2);                               \
+                    if (w > 24) store8_##NAME(zr + c + 24, a3);                               \
                 }                                                                               \
             }                                                                                   \
             free(s);                                                                            \
