@@ -16,12 +16,10 @@ Reported: median ms per step of each, their ratio, and the median of the per-pai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -29,7 +27,7 @@ import tracer
 from tracer.model import Attention
 from tracer.train_tiny.pipeline import cpu_model
 
-from .speed import DTYPES, log, model_folder
+from .speed import DTYPES, log, model_folder, write_results
 
 
 def _use_kernel_attention(model, on: bool) -> None:
@@ -111,10 +109,7 @@ def main(argv=None) -> None:
         result["sizes"].append(measure(llm.model, slots, args.repeats))
     print(table(result))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
+        write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,14 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def write_results(result: dict, path) -> None:
+    """The results JSON at ``path`` (folders made as needed), and a line saying so."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 
@@ -731,10 +739,7 @@ def main(argv=None) -> None:
     result = run(args)
     print(table(result))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
+        write_results(result, args.out)
 
 
 if __name__ == "__main__":
