@@ -86,35 +86,6 @@ def test_fits_only_what_the_kernel_can_do():
     assert not attend.fits(q, k, v, pos)  # autograd on
 
 
-@needs_kernel
-@pytest.mark.parametrize("kv", [6, 2, 1], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_model_step_on_the_kernel_equals_forward(kv, dtype):
-    """LlamaModel.step with the kernel (set_matvec) gives forward's logits, step after step, with
-    nan in every slot not yet written."""
-    model = small_model(num_key_value_heads=kv).to(dtype)
-    assert model.set_matvec("kernel") == "kernel"
-    assert all(b.attn.use_kernel for b in model.blocks)
-    for b in model.blocks:
-        b.attn.kernel_min_keys = 0  # this cache is far below the size where the model would use it
-    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    with torch.inference_mode():
-        a, b = model.new_cache(len(ids) + 6), model.new_cache(len(ids) + 6)
-        model(torch.tensor([ids]), a, last_only=True)
-        model(torch.tensor([ids]), b, last_only=True)
-        for t in b.keys + b.values:
-            t[:, :, len(ids) :] = float("nan")
-        token = torch.tensor([[5]])
-        for _ in range(5):
-            start = a.length
-            want = model(token, a, last_only=True)[:, -1]
-            got = model.step(token, torch.tensor([start]), b)
-            b.length = start + 1
-            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-            token = want.argmax(-1, keepdim=True)
-
-
 def test_set_matvec_torch_turns_the_attention_kernel_off():
     llm = tracer.load(None, dtype="float32", progress=False)
     assert llm.model.set_matvec("torch") == "torch"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tracer.config import LlamaConfig, RopeConfig
+from tracer.matvec import kernel
 from tracer.model import LlamaModel, causal_mask, init_weights, rope_inv_freq
 
 
@@ -97,10 +98,17 @@ def _prefilled(model, ids, max_len):
 
 
 @torch.inference_mode()
-def test_static_step_equals_forward_with_the_cache(tiny_model_and_ids):
-    """LlamaModel.step (tensor position, attention over every slot with the rest masked) gives the
-    logits of forward(token, cache) and writes the same keys and values, step after step."""
+@pytest.mark.parametrize("attention", ["masked", "kernel"])
+def test_static_step_equals_forward_with_the_cache(tiny_model_and_ids, attention):
+    """LlamaModel.step (tensor position, attention over every slot with the rest masked, or on the
+    CPU kernel over the slots written) gives the logits of forward(token, cache) and writes the
+    same keys and values, step after step."""
     model, ids = tiny_model_and_ids
+    if attention == "kernel":
+        if model.set_matvec("auto") != "kernel":
+            pytest.skip(f"no kernel here: {kernel().reason}")
+        for block in model.blocks:
+            block.attn.kernel_min_keys = 0  # this cache is far below the size where the model would use it
     a, b = _prefilled(model, ids, len(ids) + 6), _prefilled(model, ids, len(ids) + 6)
     for t in b.keys + b.values:
         t[:, :, len(ids):] = 1e3  # stale slots beyond the position must not matter
