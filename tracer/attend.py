@@ -3,8 +3,8 @@
 The compiled decode step (``LlamaModel.step``) keeps its shapes fixed by attending over every
 cache slot with the unwritten ones masked; the loops torch.compile generates for that read and
 score all the slots, and widen each 16-bit key once per query head. The kernel reads only the
-slots up to the token's position and widens each key and value row once for the query heads that
-share it (GQA). It is the same math as ``model._masked_decode_attention`` (float32 scores,
+slots up to the token's position, each KV head's rows once from memory for the query heads that
+share them (GQA). It is the same math as ``model._masked_decode_attention`` (float32 scores,
 softmax and sums), and is used only where that function would be: one token, a tensor position.
 It is built into the same library as the products (:func:`tracer.matvec.kernel`).
 """

@@ -2,11 +2,11 @@
  *
  * Why this exists: the compiled decode step attends over every slot of a fixed-size cache (the
  * unwritten ones masked), so that its shapes never change; the code torch.compile generates for
- * that spends most of its time on slots nobody wrote and widens each 16-bit key once per query head.
- * Here each group of n_rep query heads shares one KV head (GQA), every key and value row up to the
- * token's own position is widened to float32 once and serves all n_rep heads, and the rest of the
- * cache is never read. The math is softmax(q . k * scale) . v with float32 scores, softmax and
- * sums, rounded once at the end, as tracer/model.py's _masked_decode_attention does.
+ * that reads and scores every slot, written or not, and widens each 16-bit key once per query
+ * head. Here only the rows up to the token's own position are read, and each KV head's rows come
+ * from memory once: they stay in the L1/L2 cache while the n_rep query heads that share them (GQA)
+ * use them. The math is softmax(q . k * scale) . v with float32 scores, softmax and sums, rounded
+ * once at the end, as tracer/model.py's _masked_decode_attention does.
  *
  * Layouts (row-major, batch 1): q and z are [Hkv, n_rep, hd]; K and V are [Hkv, *, hd] with
  * head_stride elements between KV heads. Built into the same library as matvec.c.
