@@ -4,7 +4,7 @@ Decoding one token multiplies a single row of activations by every weight matrix
 reads every weight once: its speed limit is memory bandwidth (tokens/s <= GB/s / weight GB). On
 x86-64 CPUs with AVX2, torch's one-row product reaches about two thirds of the read rate for
 float16 and bfloat16, and its float32 one pays a large fixed cost per call on small matrices. A
-forty-line C loop (four rows at a time, 16-bit weights widened in registers, float32 sums)
+forty-line C loop (eight rows at a time, 16-bit weights widened in registers, float32 sums)
 reaches the read rate; ``benchmarks/speed.py`` measures both. For a prompt (several rows) in
 float16/bfloat16, torch's matmul here makes one pass over the weights per row; the kernel widens
 each group of weight rows once and reuses it for up to 64 rows (about 3x faster for 16 rows).
@@ -39,7 +39,6 @@ _KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (_KERNELS / "matvec.c", _KERNELS / "attend.c")
 HEADERS = (_KERNELS / "widen.h",)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
-LIBS = ["-lm"]  # expf, in attend.c
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # Below this many weights a product is a few microseconds either way; torch's call is fine.
 _MIN_WEIGHTS = 4096
@@ -161,7 +160,7 @@ def kernel() -> Kernel:
     except subprocess.CalledProcessError:
         return Kernel(None, f"no C compiler: '{cc} --version' failed; set CC to one")
     sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
-    key = hashlib.sha256(sources + " ".join(FLAGS + LIBS).encode() + version.encode()).hexdigest()
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + version.encode()).hexdigest()
     path = _cache_dir() / f"matvec-{key[:16]}.so"
     if not path.exists():
         try:
@@ -170,7 +169,7 @@ def kernel() -> Kernel:
             os.close(fd)
             try:
                 subprocess.run(
-                    [cc, *FLAGS, *map(str, SOURCES), *LIBS, "-o", tmp], capture_output=True, text=True, check=True,
+                    [cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, check=True,
                     timeout=300,
                 )
                 os.replace(tmp, path)
