@@ -50,12 +50,13 @@ def test_kernel_matches_the_exact_product_for_any_shape(n, k, dtype, seed):
 @needs_kernel
 @settings(max_examples=40, deadline=None)
 @given(
-    t=st.integers(1, 9), n=st.integers(1, 37), k=st.integers(1, 70),
+    t=st.integers(1, 9), n=st.integers(1, 37), k=st.one_of(st.integers(1, 70), st.integers(250, 700)),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]), seed=st.integers(0, 99),
 )
 def test_several_rows_match_the_exact_product_for_any_shape(t, n, k, dtype, seed):
-    """The prompt kernel: odd and even row counts, row-group and lane remainders, each row of
-    the result one rounding away from its float64 product."""
+    """The prompt kernel: odd and even row counts, row-group and lane remainders, short rows and
+    rows of a few hundred columns, each row of the result one rounding away from its float64
+    product."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g).to(dtype)
     x = torch.randn(t, k, generator=g).to(dtype)
@@ -66,10 +67,11 @@ def test_several_rows_match_the_exact_product_for_any_shape(t, n, k, dtype, seed
 
 @needs_kernel
 def test_a_long_prompt_is_cut_into_chunks_and_agrees_with_torch():
-    """More rows than one kernel call takes (64): the chunks join into F.linear's result."""
+    """More rows than one kernel call takes (64): the chunks join into F.linear's result (603
+    columns: lanes of eight and a three-column tail)."""
     g = torch.Generator().manual_seed(3)
-    w = (torch.randn(300, 256, generator=g) * 0.05).half()
-    x = torch.randn(1, 150, 256, generator=g).half()
+    w = (torch.randn(300, 603, generator=g) * 0.05).half()
+    x = torch.randn(1, 150, 603, generator=g).half()
     with torch.inference_mode():
         assert matvec.fits(x, w)
         got = matvec.linear(x, w)
