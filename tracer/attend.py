@@ -21,12 +21,13 @@ _MAX_REP = 16
 
 # Below this many cached key elements per layer (KV heads x slots x head dim) the loops that
 # torch.compile fuses around the rest of the layer are as fast as the kernel and its call, or
-# faster. Measured (benchmarks/decode_attention.py, positions in the cache's second half): the
-# embedded model (2 x 32 per slot) loses 0.2-0.6 ms per step at 256 and 2048 slots and gains at
-# 8192; Llama-3.2-1B shapes (8 x 64) are level at 256 and 512 slots (within 3 ms of a 100-125 ms
-# step either way, run to run) and gain from 1024 slots (a tenth of the step at 2048, a quarter
-# to a third at 8192).
-MIN_KEYS = 1 << 19
+# faster. Measured (benchmarks/decode_attention.py, positions in the cache's second half, paired
+# savings per step): the embedded model (2 x 32 per slot) loses 0.4-0.5 ms at 256 and 1024
+# slots, is level at 2048 (-0.0 to +0.2 ms) and gains 2.1 ms of 6.5 at 8192; Llama-3.2-1B shapes
+# (8 x 64) are level at 256 slots (-0.9 to +0.8 ms of about 85), gain 0.8-1.8 ms at 512, 7 at
+# 1024, 15 at 2048 and 76 of 177 at 8192. The line sits past the level points: 512 slots for the
+# 1B shapes, 4096 for the embedded model.
+MIN_KEYS = 1 << 18
 
 # A fragment of the "llama_tracer" namespace that matvec.py defines: torch.compile sees the
 # kernel as one opaque operator, as it does the products.
