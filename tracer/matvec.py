@@ -5,9 +5,10 @@ reads every weight once: its speed limit is memory bandwidth (tokens/s <= GB/s /
 x86-64 CPUs with AVX2, torch's one-row product reaches about two thirds of the read rate for
 float16 and bfloat16, and its float32 one pays a large fixed cost per call on small matrices. A
 forty-line C loop (four long read streams, 16-bit weights widened in registers, float32 sums)
-reaches the read rate; ``benchmarks/speed.py`` measures both. For a prompt (several rows) in
-float16/bfloat16, torch's matmul here makes one pass over the weights per row; the kernel widens
-each group of weight rows once and reuses it for up to 64 rows (about 3x faster for 16 rows).
+reads weights at least as fast as torch reads a plain tensor (``x.sum()``); ``benchmarks/speed.py``
+measures both. For a prompt (several rows) in float16/bfloat16, torch's matmul here makes one
+pass over the weights per row; the kernel widens each group of weight rows once and reuses it for
+up to 64 rows (about 3x faster for 16 rows).
 
 The kernel (with ``kernels/attend.c``, one decode token's attention: see ``attend.py``) is built
 once, at first use, with the system C compiler (``$CC``, else ``cc``) into

@@ -62,8 +62,10 @@ static void softmax(float *s, long n) {
         _mm256_storeu_ps(t, exp8(_mm256_loadu_ps(t)));
         for (long i = 0; i < n - j; i++) { s[j + i] = t[i]; sum += t[i]; }
     }
-    __m256 inv = _mm256_set1_ps(sum); /* divided, not multiplied by 1 / sum, as torch's softmax rounds */
-    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_div_ps(_mm256_loadu_ps(s + j), inv));
+    /* Divided by the sum, not multiplied by its inverse, as torch.compile's softmax (the one this
+     * kernel replaces in the compiled step) does. */
+    __m256 total = _mm256_set1_ps(sum);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_div_ps(_mm256_loadu_ps(s + j), total));
     for (; j < n; j++) s[j] /= sum;
 }
 

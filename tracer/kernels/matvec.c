@@ -20,10 +20,10 @@
  * below takes rows g, g + G, g + 2G and g + 3G (G = N / 4), so as g advances each of the four
  * read streams runs through a contiguous quarter of the matrix, and each thread's share is four
  * long sequential runs. The hardware prefetchers keep such streams far ahead; with a group of
- * adjacent rows instead (a row of a 2048-wide float16 matrix is one 4 kB page), each stream lasts
- * a page before all of them jump at once. Measured on the 2-core CI VM over every Llama-3.2-1B
- * weight: 72 ms per token this way, 103 ms with four adjacent rows, 95 with eight. Each row's sum
- * is the same either way. The last N % 4 rows, and the last K % 8 columns of every row, take the
+ * adjacent rows instead (a row of a 2048-wide float16 matrix is 4 kB, a page's worth), each stream
+ * lasts a page or so before all of them jump at once. On the 2-core CI VM, one pass over every
+ * Llama-3.2-1B weight (median of 16 alternating rounds) took 72 ms this way, 103 ms with four
+ * adjacent rows and 95 with eight. Each row's sum is the same either way. The last N % 4 rows, and the last K % 8 columns of every row, take the
  * same path one element at a time. Small products stay on one thread: starting the team costs
  * more than they take. */
 #define STREAMS 4
