@@ -56,7 +56,7 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
     index = json.loads((tmp_path / checkpoint.INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) >= 2 and "lm_head.weight" not in index["weight_map"]
     assert not list(tmp_path.glob(".saving-*")) and (tmp_path / "config.json") in files
-    loaded = LlamaModel(cfg, device="meta").to_empty(device="cpu")
+    loaded = LlamaModel(cfg, device="meta").allocate("cpu")
     list(checkpoint.load_weights(loaded, checkpoint.resolve(tmp_path)))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -88,7 +88,7 @@ def test_host_memory_while_loading_stays_below_one_shard(tmp_path):
         from tracer.model import LlamaModel
         r = resolve({str(tmp_path)!r})
         cfg = LlamaConfig.from_file(r.config_file)
-        m = LlamaModel(cfg, device='meta', dtype=torch.float16).to_empty(device='cpu')
+        m = LlamaModel(cfg, device='meta', dtype=torch.float16).allocate('cpu')
         list(load_weights(m, r))
         model_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
         print(json.dumps({{"base": base, "peak": peak(), "model": model_bytes}}))
@@ -120,7 +120,7 @@ def test_same_dtype_cpu_load_maps_the_file_and_matches_a_copying_load(tmp_path):
     resolved = checkpoint.resolve(tmp_path)
 
     def build(map_files):
-        m = LlamaModel(cfg, device="meta", dtype=torch.float16).to_empty(device="cpu")
+        m = LlamaModel(cfg, device="meta", dtype=torch.float16).allocate("cpu")
         reports = list(checkpoint.load_weights(m, resolved, map_files=map_files))
         return m, reports
 

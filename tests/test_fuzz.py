@@ -41,7 +41,7 @@ def load_into_model(folder: Path) -> None:
     """resolve + load_weights into a tiny model (one, reused); warnings (unexpected tensors) are fine."""
     resolved = checkpoint.resolve(folder)
     if not _MODEL:
-        _MODEL.append(LlamaModel(TINY, device="meta").to_empty(device="cpu"))
+        _MODEL.append(LlamaModel(TINY, device="meta").allocate("cpu"))
     model = _MODEL[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -50,6 +53,29 @@ def test_meta_construction_allocates_nothing():
     model = LlamaModel(cfg, device="meta", dtype=torch.float16)
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters
+
+
+def test_allocate_gives_every_meta_parameter_storage_on_the_device():
+    model = LlamaModel(small_model().config, device="meta", dtype=torch.float16)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert model.allocate("cpu") is model
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert all(p.device.type == "cpu" and p.dtype == torch.float16 and isinstance(p, torch.nn.Parameter)
+               for p in model.parameters())
+
+
+def test_allocate_does_not_import_the_symbolic_shape_machinery():
+    # nn.Module.to_empty's first call imports torch.fx's symbolic shapes (and sympy): half a
+    # second of every fresh process's load. A subprocess, because other tests may import it.
+    code = (
+        "import sys; from tracer.config import LlamaConfig; from tracer.model import LlamaModel\n"
+        "cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,"
+        " num_attention_heads=4, num_key_value_heads=2)\n"
+        "LlamaModel(cfg, device='meta').allocate('cpu')\n"
+        "print('sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_explicit_attention_path_agrees_with_sdpa():

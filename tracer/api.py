@@ -322,7 +322,7 @@ def load(
     check_fits(cfg, dev, torch_dtype)
 
     # Construct without allocating (meta), then allocate uninitialised storage on the device.
-    model = LlamaModel(cfg, device="meta", dtype=torch_dtype).to_empty(device=dev)
+    model = LlamaModel(cfg, device="meta", dtype=torch_dtype).allocate(dev)
     model.eval()
     products = model.set_matvec(matvec)  # before the weights: an impossible choice fails fast
     bar = _progress(len(resolved.weight_files), progress)

@@ -405,7 +405,7 @@ class ShardReport:
 def load_weights(
     model: torch.nn.Module, resolved: ResolvedCheckpoint, *, map_files: bool = True
 ) -> Iterator[ShardReport]:
-    """Fill ``model`` (allocated, e.g. by ``to_empty``) from the checkpoint, yielding per shard.
+    """Fill ``model`` (allocated, e.g. by ``LlamaModel.allocate``) from the checkpoint, yielding per shard.
 
     Checks every tensor's shape against the config, then after the last shard that every expected
     tensor was seen; unexpected tensors produce a warning and are ignored (never silently used).

@@ -433,6 +433,16 @@ class LlamaModel(nn.Module):
                 m.use_kernel = use
         return "kernel" if use else "torch"
 
+    def allocate(self, device) -> LlamaModel:
+        """Give every parameter of a model built on the meta device uninitialised storage on
+        ``device`` (as ``nn.Module.to_empty`` does, but without the half second that its first
+        call spends importing torch's symbolic-shape machinery). Returns the model."""
+        for module in self.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                storage = torch.empty(p.shape, dtype=p.dtype, device=device)
+                setattr(module, name, nn.Parameter(storage, requires_grad=p.requires_grad))
+        return self
+
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         """A KV cache on this model's device and dtype for ``max_len`` positions."""
         return KVCache(self.config, max_len, batch=batch, device=self.device, dtype=self.dtype)
