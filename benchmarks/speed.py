@@ -338,9 +338,9 @@ def matmuls_only(model: LlamaModel, n: int, product=torch.nn.functional.linear) 
     our kernel's ``matvec.linear``) over every weight matrix once per token (a batch-1 row vector
     in, as in decode). The floor for a runtime built on that product, on this machine and in this
     run."""
-    weights = [w for b in model.blocks for w in
-               (b.attn.wqkv.weight, b.attn.wo.weight, b.mlp.w_gate_up.weight, b.mlp.w_down.weight)]
-    weights.append(model.output_weight())
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if model.lm_head is None:  # tied: the output projection is the embedding matrix
+        weights.append(model.output_weight())
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], device=model.device, dtype=model.dtype) for w in weights}
     for _ in range(n):
         for w in weights:

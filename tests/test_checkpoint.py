@@ -110,8 +110,8 @@ def _file_digests(folder):
 
 
 def test_same_dtype_cpu_load_maps_the_file_and_matches_a_copying_load(tmp_path):
-    """Weights stored as the model wants them become views of the mapped file (gate/up fused in
-    place when adjacent); the logits are bit-identical to reading every tensor."""
+    """Weights stored as the model wants them become views of the mapped file; the logits are
+    bit-identical to reading every tensor."""
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     model = LlamaModel(cfg)
@@ -134,6 +134,21 @@ def test_same_dtype_cpu_load_maps_the_file_and_matches_a_copying_load(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(mapped(ids), copied(ids))
+
+
+def test_a_same_dtype_cpu_load_maps_every_tensor_of_a_hub_ordered_file(tmp_path):
+    """In a hub file the tensors lie in name order (k, o, q, v; down, gate, up), q/k/v apart:
+    every one of our parameters is a view of it, so loading copies no weight."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaModel(cfg)
+    init_weights(model, torch.Generator().manual_seed(0))
+    checkpoint.save_pretrained(model, tmp_path, dtype=torch.float16)
+    m = LlamaModel(cfg, device="meta", dtype=torch.float16).allocate("cpu")
+    (report,) = checkpoint.load_weights(m, checkpoint.resolve(tmp_path))
+    assert report.tensors_mapped == report.tensors == len(checkpoint.checkpoint_layout(cfg))
+    (weights,) = checkpoint.resolve(tmp_path).weight_files
+    assert all(p.untyped_storage().nbytes() == weights.stat().st_size for p in m.parameters())
 
 
 def test_editing_a_mapped_weight_never_writes_the_file(make_checkpoint):

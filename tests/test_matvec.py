@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import tracer
 from tracer import matvec
 from tracer.errors import DeviceError
+from tracer.model import MLP, Attention
 
 KERNEL = matvec.kernel()
 needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
@@ -95,6 +96,47 @@ def test_linear_agrees_with_torch_on_model_shapes(dtype):
     assert got.shape == want.shape == (1, 1, 1408) and got.dtype == dtype
     _assert_close_to_exact(got, x, w)
     torch.testing.assert_close(got, want)
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.lists(st.integers(1, 40), min_size=1, max_size=3), k=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES), threads=st.sampled_from([1, 2]), seed=st.integers(0, 99),
+)
+def test_several_matrices_in_one_call_equal_one_call_each(rows, k, dtype, threads, seed):
+    """q, k and v (or gate and up) as one call: each part's rows summed exactly as alone, the
+    results one after another."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(n, k, generator=g).to(dtype) for n in rows]
+    x = torch.randn(k, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        together = KERNEL.run(x, ws, torch.empty(sum(rows), dtype=dtype))
+        apart = torch.cat([KERNEL.run(x, w, torch.empty(w.shape[0], dtype=dtype)) for w in ws])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(together, apart)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stacked_linear_is_one_layer_with_the_weights_stacked(use_kernel, tokens, dtype):
+    if use_kernel and not KERNEL.available:
+        pytest.skip(KERNEL.reason)
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(96, n, bias=False, dtype=dtype) for n in (128, 64, 64)]
+    for m in layers:
+        m.weight.data = torch.randn(m.weight.shape, generator=g).to(dtype)
+    x = torch.randn(1, tokens, 96, generator=g).to(dtype)
+    with torch.inference_mode():
+        got = matvec.stacked_linear(x, layers, use_kernel=use_kernel)
+        stacked = F.linear(x.double(), torch.cat([m.weight for m in layers]).double())
+    assert got.shape == (1, tokens, 256) and got.dtype == dtype
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(got.double(), stacked, atol=tol, rtol=tol)
 
 
 @needs_kernel
@@ -222,6 +264,8 @@ def test_every_decode_product_of_the_embedded_model_runs_on_the_kernel():
     x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16)
     with torch.inference_mode():
         for name, m in model.named_modules():
+            if isinstance(m, (Attention, MLP)):
+                assert m.use_kernel, name  # their stacked products (q/k/v, gate/up)
             if isinstance(m, matvec.Linear):
                 assert m.use_kernel, name
                 assert matvec.fits(torch.zeros(1, 1, m.in_features, dtype=torch.float16), m.weight), name
@@ -236,4 +280,4 @@ def test_set_matvec_validates_its_argument(monkeypatch):
     with pytest.raises(DeviceError, match="no kernel in this test"):
         llm.model.set_matvec("kernel")
     assert llm.model.set_matvec("auto") == "torch"
-    assert not any(m.use_kernel for m in llm.model.modules() if isinstance(m, matvec.Linear))
+    assert not any(m.use_kernel for m in llm.model.modules() if isinstance(m, (matvec.Linear, Attention, MLP)))

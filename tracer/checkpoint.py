@@ -10,9 +10,9 @@ tensor at a time, straight into the model's (already allocated) parameter or int
 buffer that is cast and moved. So host memory stays bounded by about one tensor, every header is
 checked before any byte is trusted, and a truncated or corrupt file is named in the error.
 
-On the CPU, a parameter whose bytes lie in the file exactly as the model wants them (same dtype,
-and for a fused one its parts adjacent and in order, as gate_proj and up_proj usually are) becomes
-a view of the memory-mapped file instead of a copy: nothing is read until first use, and the pages
+Each checkpoint tensor is one of our parameters (the model computes q/k/v and gate/up as one
+product each without stacking their weights). On the CPU, a parameter whose bytes lie in the file
+as the model wants them (same dtype) becomes a view of the memory-mapped file instead of a copy: nothing is read until first use, and the pages
 are shared with the OS page cache. That is how transformers loads too. The mapping is private
 (copy-on-write): editing a weight in memory never writes to the file.
 """
@@ -343,39 +343,38 @@ def read_tensor(f, entry: TensorEntry, path: Path) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Slot:
-    """Where a checkpoint tensor goes: rows [row0, row0 + shape[0]) of parameter ``param``."""
+    """Where a checkpoint tensor goes: our parameter ``param``, of this ``shape``."""
 
     param: str
-    row0: int
     shape: tuple[int, ...]
 
 
 def checkpoint_layout(cfg: LlamaConfig) -> dict[str, Slot]:
-    """The declarative map from hub tensor names to our parameters (fused q/k/v and gate/up)."""
+    """The declarative map from hub tensor names to our parameters."""
     D, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    layout = {"model.embed_tokens.weight": Slot("embed.weight", 0, (V, D))}
+    layout = {"model.embed_tokens.weight": Slot("embed.weight", (V, D))}
     for i in range(cfg.num_hidden_layers):
         hf, us = f"model.layers.{i}", f"blocks.{i}"
         parts = {
-            "self_attn.q_proj": ("attn.wqkv", 0, q, D),
-            "self_attn.k_proj": ("attn.wqkv", q, kv, D),
-            "self_attn.v_proj": ("attn.wqkv", q + kv, kv, D),
-            "self_attn.o_proj": ("attn.wo", 0, D, q),
-            "mlp.gate_proj": ("mlp.w_gate_up", 0, F, D),
-            "mlp.up_proj": ("mlp.w_gate_up", F, F, D),
-            "mlp.down_proj": ("mlp.w_down", 0, D, F),
+            "self_attn.q_proj": ("attn.wq", q, D),
+            "self_attn.k_proj": ("attn.wk", kv, D),
+            "self_attn.v_proj": ("attn.wv", kv, D),
+            "self_attn.o_proj": ("attn.wo", D, q),
+            "mlp.gate_proj": ("mlp.w_gate", F, D),
+            "mlp.up_proj": ("mlp.w_up", F, D),
+            "mlp.down_proj": ("mlp.w_down", D, F),
         }
-        for name, (param, row0, rows, cols) in parts.items():
-            layout[f"{hf}.{name}.weight"] = Slot(f"{us}.{param}.weight", row0, (rows, cols))
+        for name, (param, rows, cols) in parts.items():
+            layout[f"{hf}.{name}.weight"] = Slot(f"{us}.{param}.weight", (rows, cols))
             with_bias = cfg.attention_bias if name.startswith("self_attn") else cfg.mlp_bias
             if with_bias:
-                layout[f"{hf}.{name}.bias"] = Slot(f"{us}.{param}.bias", row0, (rows,))
-        layout[f"{hf}.input_layernorm.weight"] = Slot(f"{us}.ln1.weight", 0, (D,))
-        layout[f"{hf}.post_attention_layernorm.weight"] = Slot(f"{us}.ln2.weight", 0, (D,))
-    layout["model.norm.weight"] = Slot("final_norm.weight", 0, (D,))
+                layout[f"{hf}.{name}.bias"] = Slot(f"{us}.{param}.bias", (rows,))
+        layout[f"{hf}.input_layernorm.weight"] = Slot(f"{us}.ln1.weight", (D,))
+        layout[f"{hf}.post_attention_layernorm.weight"] = Slot(f"{us}.ln2.weight", (D,))
+    layout["model.norm.weight"] = Slot("final_norm.weight", (D,))
     if not cfg.tie_word_embeddings:
-        layout["lm_head.weight"] = Slot("lm_head.weight", 0, (V, D))
+        layout["lm_head.weight"] = Slot("lm_head.weight", (V, D))
     return layout
 
 
@@ -424,7 +423,7 @@ def load_weights(
         entries = read_header(path)
         if resolved.weight_map is not None:
             _check_index_agrees(resolved, path, entries)
-        parts: dict[str, list[tuple[Slot, TensorEntry]]] = {}  # our parameter -> its pieces here
+        found: list[tuple[str, TensorEntry]] = []  # (our parameter, its tensor in this file)
         for name, entry in entries.items():
             slot = layout.get(name)
             if slot is None:
@@ -441,21 +440,19 @@ def load_weights(
                 )
             if not entry.dtype.is_floating_point:
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry.dtype}, expected a float type")
-            parts.setdefault(slot.param, []).append((slot, entry))
+            found.append((slot.param, entry))
             seen.add(name)
         with open(path, "rb") as f:
             mapped = _map_file(f) if map_files and model.device.type == "cpu" else None
             with torch.no_grad():
-                for pname, pieces in parts.items():
+                for pname, entry in found:
                     param = params[pname]
-                    view = _view_in_file(mapped, param, pieces) if mapped is not None else None
+                    view = _view_in_file(mapped, param, entry) if mapped is not None else None
                     if view is not None:
                         param.data = view  # the untouched allocation it replaces is freed
-                        _account(report, [e for _, e in pieces], param, mapped=True)
-                        continue
-                    for slot, entry in pieces:
-                        dest = param.data[slot.row0 : slot.row0 + slot.shape[0]]
-                        _fill(f, entry, path, dest, report)
+                        _account(report, entry, param, mapped=True)
+                    else:
+                        _fill(f, entry, path, param.data, report)
         report.seconds = time.perf_counter() - started
         yield report
     missing = [k for k in layout if k not in seen]
@@ -493,42 +490,29 @@ def _map_file(f) -> torch.Tensor | None:
     return torch.frombuffer(mm, dtype=torch.uint8)  # keeps the map alive while any view lives
 
 
-def _view_in_file(
-    mapped: torch.Tensor, param: torch.Tensor, pieces: list[tuple[Slot, TensorEntry]]
-) -> torch.Tensor | None:
-    """``param`` as a view of the mapped file, if its bytes lie there exactly as it wants them:
-    same dtype, every row covered, and the pieces (q, k, v or gate, up) adjacent and in order."""
-    pieces = sorted(pieces, key=lambda p: p[0].row0)
-    first = pieces[0][1]
-    size = param.element_size()
-    if first.begin % size or not param.is_contiguous():
+def _view_in_file(mapped: torch.Tensor, param: torch.Tensor, entry: TensorEntry) -> torch.Tensor | None:
+    """``param`` as a view of the mapped file, if its bytes lie there exactly as it wants them
+    (same dtype, aligned for it), else None."""
+    if entry.dtype != param.dtype or entry.begin % param.element_size() or not param.is_contiguous():
         return None
-    row, at = 0, first.begin
-    for slot, entry in pieces:
-        if entry.dtype != param.dtype or slot.row0 != row or entry.begin != at:
-            return None
-        row, at = row + slot.shape[0], at + entry.nbytes
-    if row != param.shape[0] or at - first.begin != param.numel() * size:
-        return None
-    return mapped[first.begin : at].view(param.dtype).view(param.shape)
+    return mapped[entry.begin : entry.begin + entry.nbytes].view(param.dtype).view(param.shape)
 
 
-def _account(report: ShardReport, entries: list[TensorEntry], dest: torch.Tensor, *, mapped: bool) -> None:
-    report.tensors += len(entries)
-    report.bytes_read += sum(e.nbytes for e in entries)
-    report.bytes_in_memory += sum(e.nbytes for e in entries) // entries[0].dtype.itemsize * dest.element_size()
+def _account(report: ShardReport, entry: TensorEntry, dest: torch.Tensor, *, mapped: bool) -> None:
+    report.tensors += 1
+    report.bytes_read += entry.nbytes
+    report.bytes_in_memory += entry.nbytes // entry.dtype.itemsize * dest.element_size()
     if mapped:
-        report.tensors_mapped += len(entries)
-    for e in entries:
-        if e.dtype != dest.dtype:
-            key = f"{str(e.dtype).replace('torch.', '')}->{str(dest.dtype).replace('torch.', '')}"
-            report.casts[key] = report.casts.get(key, 0) + 1
+        report.tensors_mapped += 1
+    if entry.dtype != dest.dtype:
+        key = f"{str(entry.dtype).replace('torch.', '')}->{str(dest.dtype).replace('torch.', '')}"
+        report.casts[key] = report.casts.get(key, 0) + 1
 
 
 def _fill(f, entry: TensorEntry, path: Path, dest: torch.Tensor, report: ShardReport) -> None:
     """Copy one tensor into ``dest``: straight into it when dtype and device allow, else through
     a one-tensor buffer that ``copy_`` casts and moves."""
-    _account(report, [entry], dest, mapped=False)
+    _account(report, entry, dest, mapped=False)
     if dest.device.type == "cpu" and entry.dtype == dest.dtype and dest.is_contiguous() and entry.nbytes:
         _read_into(f, entry, path, dest.view(-1).view(torch.uint8))
     else:
@@ -540,12 +524,9 @@ def _fill(f, entry: TensorEntry, path: Path, dest: torch.Tensor, report: ShardRe
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters under hub names, with fused q/k/v and gate/up split back apart."""
+    """Our parameters under hub names."""
     params = dict(model.named_parameters())
-    out = {}
-    for name, slot in checkpoint_layout(model.config).items():
-        out[name] = params[slot.param].detach()[slot.row0 : slot.row0 + slot.shape[0]]
-    return out
+    return {name: params[slot.param].detach() for name, slot in checkpoint_layout(model.config).items()}
 
 
 def save_pretrained(

@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,17 @@ class Kernel:
         return fns
 
     @functools.cached_property
+    def _fns3(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
+        fns = {}
+        for dtype, suffix in _SUFFIX.items():
+            fn = getattr(self._lib, f"matvec3_{suffix}")
+            p, n = ctypes.c_void_p, ctypes.c_long
+            fn.argtypes = [p, n, p, n, p, n, p, p, n, ctypes.c_int]
+            fn.restype = None
+            fns[dtype] = fn
+        return fns
+
+    @functools.cached_property
     def _rows_fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
         fns = {}
         for dtype in _ROWS_DTYPES:
@@ -97,12 +109,25 @@ class Kernel:
     def available(self) -> bool:
         return self.path is not None
 
-    def run(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out[n] = weight[n] . x, for contiguous x [K], weight [N, K], out [N] of one dtype."""
-        N, K = weight.shape
-        self._fns[weight.dtype](
-            weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads()
-        )
+    def run(
+        self, x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor
+    ) -> torch.Tensor:
+        """out[n] = weight[n] . x, for contiguous x [K], weight [N, K], out [N] of one dtype.
+
+        Up to three weights (q, k and v: [N_i, K] each) are one call, their results one after
+        another in out [sum N_i].
+        """
+        if isinstance(weights, torch.Tensor) or len(weights) == 1:
+            w = weights if isinstance(weights, torch.Tensor) else weights[0]
+            N, K = w.shape
+            self._fns[w.dtype](w.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads())
+            return out
+        if len(weights) > 3:
+            raise ValueError(f"the kernel takes up to 3 matrices per call, not {len(weights)}")
+        parts = [a for w in weights for a in (w.data_ptr(), w.shape[0])]  # (pointer, rows) each
+        parts += [None, 0] * (3 - len(weights))  # an absent part has no rows
+        K = weights[0].shape[1]
+        self._fns3[weights[0].dtype](*parts, x.data_ptr(), out.data_ptr(), K, torch.get_num_threads())
         return out
 
     def run_rows(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -185,7 +210,7 @@ def kernel() -> Kernel:
             return Kernel(None, f"could not build the kernel into {path.parent}: {e}")
     built = Kernel(path)
     try:  # load it now, so that a library that will not load means "no kernel", not a crash later
-        built._fns, built._rows_fns, built._attend_fns  # noqa: B018
+        built._fns, built._fns3, built._rows_fns, built._attend_fns  # noqa: B018
     except (OSError, AttributeError) as e:
         return Kernel(None, f"could not load {path}: {e}; delete it to rebuild")
     return built
@@ -197,20 +222,26 @@ def kernel() -> Kernel:
 # call, more than a small model's product takes.
 
 _LIB = torch.library.Library("llama_tracer", "DEF")  # the registration lives as long as this module
-_LIB.define("matvec(Tensor x, Tensor weight) -> Tensor")
+# Up to three weights as separate arguments: a Tensor[] argument costs about 5 us more per call.
+_LIB.define("matvec(Tensor x, Tensor w0, Tensor? w1=None, Tensor? w2=None) -> Tensor")
 
 
-def _matvec_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(x.shape[:-1] + (weight.shape[0],), dtype=x.dtype)
-    return kernel().run(x.contiguous(), weight, out)
+def _matvec_cpu(x: torch.Tensor, w0: torch.Tensor, w1=None, w2=None) -> torch.Tensor:
+    if w1 is None:
+        out = torch.empty(x.shape[:-1] + (w0.shape[0],), dtype=x.dtype)
+        return kernel().run(x.contiguous(), w0, out)
+    weights = (w0, w1) if w2 is None else (w0, w1, w2)
+    out = torch.empty(x.shape[:-1] + (sum(w.shape[0] for w in weights),), dtype=x.dtype)
+    return kernel().run(x.contiguous(), weights, out)
 
 
 _LIB.impl("matvec", _matvec_cpu, "CPU")
 
 
 @torch.library.register_fake("llama_tracer::matvec")
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+def _(x: torch.Tensor, w0: torch.Tensor, w1=None, w2=None) -> torch.Tensor:
+    rows = sum(w.shape[0] for w in (w0, w1, w2) if w is not None)
+    return x.new_empty(x.shape[:-1] + (rows,))
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -240,9 +271,7 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The kernel's ``F.linear(x, weight)``, for callers that checked :func:`fits` and :func:`kernel`."""
     K = weight.shape[1]
     if x.numel() == K:
-        if torch.compiler.is_compiling():
-            return torch.ops.llama_tracer.matvec(x, weight)  # opaque to the compiler
-        return _matvec_cpu(x, weight)
+        return _one_row(x, [weight])
     if torch.compiler.is_compiling():  # the compiled decode step has one row; nothing else is compiled
         return F.linear(x, weight)
     rows = x.reshape(-1, K).contiguous()  # [T, K]
@@ -251,6 +280,12 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for t in range(0, rows.shape[0], _ROWS):
         k.run_rows(rows[t : t + _ROWS], weight, out[t : t + _ROWS])
     return out.view(x.shape[:-1] + (weight.shape[0],))
+
+
+def _one_row(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_tracer.matvec(x, *weights)  # opaque to the compiler
+    return _matvec_cpu(x, *weights)
 
 
 def linear(
@@ -278,3 +313,20 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, use_kernel=self.use_kernel)
+
+
+def stacked_linear(
+    x: torch.Tensor, layers: Sequence[nn.Linear], *, use_kernel: bool | None = None
+) -> torch.Tensor:
+    """``layers`` applied to the same ``x`` (q, k and v; gate and up), their outputs concatenated
+    on the last dim: what one layer with the weights stacked would give, without stacking them.
+
+    One row on the kernel is one call for all of them (one thread team, x widened once); otherwise
+    each layer is its own :func:`linear` and the outputs are joined.
+    """
+    if use_kernel is None:
+        use_kernel = kernel().available
+    one_row = x.numel() == x.shape[-1]
+    if use_kernel and one_row and len(layers) <= 3 and all(fits(x, m.weight, m.bias) for m in layers):
+        return _one_row(x, [m.weight for m in layers])
+    return torch.cat([linear(x, m.weight, m.bias, use_kernel=use_kernel) for m in layers], dim=-1)

@@ -10,9 +10,10 @@ softmax of the explicit attention path in float32.
 Shape alphabet: B batch, T new tokens, S keys (cached + new), D hidden, H query heads, Hkv KV heads,
 hd head dim, F intermediate, V vocab, L layers.
 
-Speed notes: q/k/v and gate/up are stored fused (one matmul each; the loader concatenates the
-checkpoint's separate tensors), the KV cache is preallocated, and hook points cost one list check
-when nothing is attached.
+Speed notes: q/k/v and gate/up are computed as one product each (``matvec.stacked_linear``)
+while their weights stay the checkpoint's separate tensors, so that on the CPU every weight is a
+view of the mapped file; the KV cache is preallocated, and hook points cost one list check when
+nothing is attached.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from . import attend
 from .config import LlamaConfig
 from .errors import DeviceError
 from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
-from .matvec import Linear, kernel, linear
+from .matvec import Linear, kernel, linear, stacked_linear
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (math as small functions)
@@ -244,11 +245,13 @@ class Attention(nn.Module):
         )
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
-        # q_proj, k_proj, v_proj fused into one [H*hd + 2*Hkv*hd, D] matrix: one matmul, not three.
-        self.wqkv = Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias,
-            device=device, dtype=dtype,
-        )
+        # q_proj, k_proj and v_proj: three matrices, one product (stacked_linear). A fused
+        # [q + 2 kv, D] matrix would have to be copied together at every load, because a hub
+        # checkpoint stores them apart (k, o, q, v in name order): 12% of a Llama's weights.
+        D, bias = cfg.hidden_size, cfg.attention_bias
+        self.wq = Linear(D, self.q_size, bias=bias, device=device, dtype=dtype)
+        self.wk = Linear(D, self.kv_size, bias=bias, device=device, dtype=dtype)
+        self.wv = Linear(D, self.kv_size, bias=bias, device=device, dtype=dtype)
         self.wo = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         # Decode attention on tracer/attend.py's kernel (LlamaModel.set_matvec), for caches of at
@@ -269,7 +272,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
-        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)  # [B, T, H+2*Hkv, hd]
+        qkv = stacked_linear(x, (self.wq, self.wk, self.wv), use_kernel=self.use_kernel)  # [B, T, q + 2 kv]
+        qkv = qkv.view(B, T, H + 2 * Hkv, hd)  # [B, T, H+2*Hkv, hd]
         qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # [B, T, H+Hkv, hd], [B, T, Hkv, hd]
         # q and k heads are rotated together: one set of RoPE ops serves both.
         q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)  # [B, T, H, hd], [B, T, Hkv, hd]
@@ -319,18 +323,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up computed as one product."""
 
     def __init__(self, cfg: LlamaConfig, layer: int, device=None, dtype=None) -> None:
         super().__init__()
         self.ffn = cfg.intermediate_size
-        self.w_gate_up = Linear(cfg.hidden_size, 2 * self.ffn, bias=cfg.mlp_bias, device=device, dtype=dtype)
-        self.w_down = Linear(self.ffn, cfg.hidden_size, bias=cfg.mlp_bias, device=device, dtype=dtype)
+        D, bias = cfg.hidden_size, cfg.mlp_bias
+        self.w_gate = Linear(D, self.ffn, bias=bias, device=device, dtype=dtype)
+        self.w_up = Linear(D, self.ffn, bias=bias, device=device, dtype=dtype)
+        self.w_down = Linear(self.ffn, D, bias=bias, device=device, dtype=dtype)
+        self.use_kernel = False  # see LlamaModel.set_matvec
         self.hook_act = HookPoint(block_point(layer, "mlp.act"))
         self.hook_out = HookPoint(block_point(layer, "mlp.out"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).split(self.ffn, dim=-1)  # [B, T, F] each
+        gate_up = stacked_linear(x, (self.w_gate, self.w_up), use_kernel=self.use_kernel)  # [B, T, 2F]
+        gate, up = gate_up.split(self.ffn, dim=-1)  # [B, T, F] each
         act = self.hook_act(F.silu(gate) * up)  # [B, T, F]
         return self.hook_out(self.w_down(act))  # [B, T, D]
 
@@ -429,7 +437,7 @@ class LlamaModel(nn.Module):
         use = mode != "torch" and k.available and self.device.type == "cpu"
         self.use_kernel = use
         for m in self.modules():
-            if isinstance(m, (Linear, Attention)):
+            if isinstance(m, (Linear, Attention, MLP)):
                 m.use_kernel = use
         return "kernel" if use else "torch"
 

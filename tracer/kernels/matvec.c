@@ -23,45 +23,70 @@
  * adjacent rows instead (a row of a 2048-wide float16 matrix is 4 kB, a page's worth), each stream
  * lasts a page or so before all of them jump at once. On the 2-core CI VM, one pass over every
  * Llama-3.2-1B weight (median of 16 alternating rounds) took 72 ms this way, 103 ms with four
- * adjacent rows and 95 with eight. Each row's sum is the same either way. The last N % 4 rows, and the last K % 8 columns of every row, take the
- * same path one element at a time. Small products stay on one thread: starting the team costs
- * more than they take. */
+ * adjacent rows and 95 with eight. Each row's sum is the same either way. The last N % 4 rows,
+ * and the last K % 8 columns of every row, take the same path one element at a time. Small
+ * products stay on one thread: starting the team costs more than they take. */
 #define STREAMS 4
+/* Several matrices of one input (q, k and v; gate and up) are one call: part p has Ns[p] rows at
+ * Ws[p], and its results follow the previous part's in y. One call starts one thread team and
+ * widens x once for all of them, and no matrix has to be copied next to another first (a hub
+ * checkpoint stores q, k and v apart, and the loader maps weights rather than copying them).
+ * Exported as matvec_* (one matrix) and matvec3_* (up to three; a part of 0 rows is skipped),
+ * with plain arguments: a Python caller building arrays would spend a few microseconds, as much
+ * as a small model's product takes. */
 #define MATVEC(NAME, T)                                                                         \
-    void matvec_##NAME(const T *W, const T *x_in, T *y, long N, long K, int threads) {          \
-        int team = (N * K >= 65536 && threads > 1) ? threads : 1;                             \
+    static void matvec_parts_##NAME(const T *const *Ws, const long *Ns, int parts,              \
+                                    const T *x_in, T *y, long K, int threads) {                 \
+        long total = 0;                                                                         \
+        for (int p = 0; p < parts; p++) total += Ns[p];                                         \
+        int team = (total * K >= 65536 && threads > 1) ? threads : 1;                         \
         _Pragma("omp parallel num_threads(team)")                                               \
         {                                                                                       \
             float x[K];                                                                         \
             for (long k = 0; k < K; k++) x[k] = one_##NAME(x_in + k);                           \
-            long K8 = K & ~7L, G = N / STREAMS;                                                 \
-            _Pragma("omp for schedule(static) nowait")                                          \
-            for (long g = 0; g < G; g++) {                                                      \
-                const T *r = W + g * K; /* stream i reads row g + i * G, at r + i * G * K */     \
-                __m256 a[STREAMS];                                                              \
-                for (int i = 0; i < STREAMS; i++) a[i] = _mm256_setzero_ps();                   \
-                for (long k = 0; k < K8; k += 8) {                                              \
-                    __m256 xv = _mm256_loadu_ps(x + k);                                         \
-                    for (int i = 0; i < STREAMS; i++)                                           \
-                        a[i] = _mm256_fmadd_ps(load8_##NAME(r + i * G * K + k), xv, a[i]);      \
+            long K8 = K & ~7L;                                                                  \
+            T *yp = y;                                                                          \
+            for (int p = 0; p < parts; p++) {                                                   \
+                const T *W = Ws[p];                                                             \
+                long N = Ns[p], G = N / STREAMS;                                                \
+                _Pragma("omp for schedule(static) nowait")                                      \
+                for (long g = 0; g < G; g++) {                                                  \
+                    const T *r = W + g * K; /* stream i reads row g + i * G, at r + i * G * K */ \
+                    __m256 a[STREAMS];                                                          \
+                    for (int i = 0; i < STREAMS; i++) a[i] = _mm256_setzero_ps();               \
+                    for (long k = 0; k < K8; k += 8) {                                          \
+                        __m256 xv = _mm256_loadu_ps(x + k);                                     \
+                        for (int i = 0; i < STREAMS; i++)                                       \
+                            a[i] = _mm256_fmadd_ps(load8_##NAME(r + i * G * K + k), xv, a[i]);  \
+                    }                                                                           \
+                    for (int i = 0; i < STREAMS; i++) {                                         \
+                        float s = hsum(a[i]);                                                   \
+                        for (long k = K8; k < K; k++) s += one_##NAME(r + i * G * K + k) * x[k]; \
+                        store_##NAME(yp + g + i * G, s);                                        \
+                    }                                                                           \
                 }                                                                               \
-                for (int i = 0; i < STREAMS; i++) {                                             \
-                    float s = hsum(a[i]);                                                       \
-                    for (long k = K8; k < K; k++) s += one_##NAME(r + i * G * K + k) * x[k];    \
-                    store_##NAME(y + g + i * G, s);                                             \
+                _Pragma("omp for schedule(static) nowait")                                      \
+                for (long n = STREAMS * G; n < N; n++) {                                        \
+                    const T *r = W + n * K;                                                     \
+                    __m256 a = _mm256_setzero_ps();                                             \
+                    for (long k = 0; k < K8; k += 8)                                            \
+                        a = _mm256_fmadd_ps(load8_##NAME(r + k), _mm256_loadu_ps(x + k), a);     \
+                    float s = hsum(a);                                                          \
+                    for (long k = K8; k < K; k++) s += one_##NAME(r + k) * x[k];                \
+                    store_##NAME(yp + n, s);                                                    \
                 }                                                                               \
-            }                                                                                   \
-            _Pragma("omp for schedule(static)")                                                 \
-            for (long n = STREAMS * G; n < N; n++) {                                            \
-                const T *r = W + n * K;                                                         \
-                __m256 a = _mm256_setzero_ps();                                                 \
-                for (long k = 0; k < K8; k += 8)                                                \
-                    a = _mm256_fmadd_ps(load8_##NAME(r + k), _mm256_loadu_ps(x + k), a);         \
-                float s = hsum(a);                                                              \
-                for (long k = K8; k < K; k++) s += one_##NAME(r + k) * x[k];                    \
-                store_##NAME(y + n, s);                                                         \
+                yp += N;                                                                        \
             }                                                                                   \
         }                                                                                       \
+    }                                                                                           \
+    void matvec_##NAME(const T *W, const T *x_in, T *y, long N, long K, int threads) {          \
+        matvec_parts_##NAME(&W, &N, 1, x_in, y, K, threads);                                    \
+    }                                                                                           \
+    void matvec3_##NAME(const T *W0, long N0, const T *W1, long N1, const T *W2, long N2,       \
+                        const T *x_in, T *y, long K, int threads) {                             \
+        const T *Ws[3] = {W0, W1, W2};                                                          \
+        long Ns[3] = {N0, N1, N2};                                                              \
+        matvec_parts_##NAME(Ws, Ns, 3, x_in, y, K, threads);                                    \
     }
 
 MATVEC(f32, float)

@@ -1,8 +1,8 @@
 """Write the trained model as a Hugging Face hub style Llama folder.
 
-Weights and config.json come from :func:`tracer.checkpoint.save_pretrained` (which splits our
-fused q/k/v and gate/up matrices back into hub names); this module adds the tokenizer files
-and generation_config.json that a Llama 2 repo carries, and the training log as CSV.
+Weights and config.json come from :func:`tracer.checkpoint.save_pretrained` (our parameters
+under hub names); this module adds the tokenizer files and generation_config.json that a Llama 2
+repo carries, and the training log as CSV.
 """
 
 from __future__ import annotations
