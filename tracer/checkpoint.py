@@ -12,9 +12,10 @@ checked before any byte is trusted, and a truncated or corrupt file is named in 
 
 Each checkpoint tensor is one of our parameters (the model computes q/k/v and gate/up as one
 product each without stacking their weights). On the CPU, a parameter whose bytes lie in the file
-as the model wants them (same dtype) becomes a view of the memory-mapped file instead of a copy: nothing is read until first use, and the pages
-are shared with the OS page cache. That is how transformers loads too. The mapping is private
-(copy-on-write): editing a weight in memory never writes to the file.
+as the model wants them (same dtype) becomes a view of the memory-mapped file instead of a copy:
+nothing is read until first use, and the pages are shared with the OS page cache. That is how
+transformers loads too. The mapping is private (copy-on-write): editing a weight in memory never
+writes to the file.
 """
 
 from __future__ import annotations
