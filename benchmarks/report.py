@@ -53,10 +53,16 @@ def trace_cost_section(path: Path) -> str:
     timings = {"per run (whole runs in a shuffled order)": r}
     if "lockstep" in r:
         timings["lockstep (the runs advance a token each in turn)"] = r["lockstep"]
+    # The model is the embedded one or a checkpoint folder that benchmarks.speed wrote (NAME-float16).
+    name = Path(r["model"]).name.removesuffix("-float16")
+    embedded = name == "embedded"
+    command = "python -m benchmarks.trace_cost" + ("" if embedded else f" --model {r['model']}")
+    command += "" if r["dtype"] == "float32" else f" --dtype {r['dtype']}"
+    command += "" if r["new_tokens"] == 128 else f" --tokens {r['new_tokens']}"
     lines = [
-        f"### Cost of tracing, embedded model, {r['dtype']}, {r['threads']} threads: `results/{path.name}`",
+        f"### Cost of tracing, {'embedded model' if embedded else TITLES.get(name, name)}, {r['dtype']}, {r['threads']} threads: `results/{path.name}`",
         "",
-        f"`python -m benchmarks.trace_cost --repeats {r['repeats']}`: {r['new_tokens']} new tokens, "
+        f"`{command} --repeats {r['repeats']}`: {r['new_tokens']} new tokens, "
         f"{r['repeats']} rounds of each timing; full keeps {', '.join(r['full_points'])}.",
         "",
         "| run | " + " | ".join(f"tok/s (median), {t.split(' (')[0]}" for t in timings) + " |",

@@ -1,6 +1,6 @@
 """What tracing costs: decode tokens/s with capture off / light / full, and the trace's size on disk.
 
-    python -m benchmarks.trace_cost [--model PATH] [--tokens 128] [--repeats 5] [--out results.json]
+    python -m benchmarks.trace_cost [--model PATH] [--dtype float32] [--tokens 128] [--repeats 5] [--out results.json]
 
 Runs on the embedded model (CPU, float32) unless told otherwise. "bare" is a decode loop with no
 Decoder, no sampling stages and no hooks — the runtime with the tracing code taken away — so
@@ -161,12 +161,13 @@ def dir_bytes(path: Path) -> int:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.trace_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="folder or repo id (default: the embedded model)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    llm = tracer.load(args.model, device="cpu", dtype="float32", progress=False)
+    llm = tracer.load(args.model, device="cpu", dtype=args.dtype, progress=False)
     prompt = llm.tokenizer.encode(PROMPT)
     n = min(args.tokens, llm.config.max_position_embeddings - len(prompt))
     makers = {
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
     result = {
         "model": str(llm.resolved.source),
         "device": "cpu",
-        "dtype": "float32",
+        "dtype": args.dtype,
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -41,11 +41,13 @@ def test_speed_quick_writes_results(tmp_path):
 def test_trace_cost_small_run_writes_results(tmp_path):
     out = tmp_path / "cost.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.trace_cost", "--tokens", "4", "--repeats", "2", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.trace_cost", "--dtype", "float16", "--tokens", "4", "--repeats", "2",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
+    assert r["dtype"] == "float16"
     for timing in (r, r["lockstep"]):  # per run, and the runs advancing in lockstep
         assert set(timing["median_tokens_per_s"]) == {"bare", "bare_again", "off", "light", "full"}
         for key in ("bare_again/bare", "off/bare", "light/off", "full/off"):
