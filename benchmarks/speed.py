@@ -13,7 +13,7 @@ What is measured (see benchmarks/README.md for the table of a run):
   load     seconds to a ready model and peak host RSS above the post-import baseline, each loader
            in a fresh subprocess (kernel high-water mark VmHWM, reset after imports), hot page cache;
   prefill  one forward over a 512-token prompt into a fresh cache, logits of the last position only
-           (what generate does; transformers: ``logits_to_keep=1``);
+           (what generate does; transformers: ``logits_to_keep=1``), alternating which runs first;
   decode   batch-1 greedy generation of N new tokens from a 16-token prompt, wall time of the whole
            call (so it includes that short prefill), for transformers ``generate`` and ours with
            capture off / light / full, and a bare loop (``model(x, cache, last_only=True)`` +
@@ -494,14 +494,16 @@ def run(args) -> dict:
     prefill_ids = torch.randint(0, cfg.vocab_size, (1, prefill_len), generator=gen).to(device)
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
 
-    # Prefill (one warm-up each, then repeats, interleaved).
+    # Prefill: a full-length warm-up each, then repeats, interleaved, the order alternating so that
+    # neither side always runs right after the other.
     log("prefill ...")
-    ours_prefill(model, prefill_ids[:, :8])
-    theirs_prefill(hf, prefill_ids[:, :8])
+    prefills = {"ours": lambda: ours_prefill(model, prefill_ids), "transformers": lambda: theirs_prefill(hf, prefill_ids)}
+    for fn in prefills.values():
+        fn()
     pre = {"ours": [], "transformers": []}
-    for _ in range(repeats):
-        pre["ours"].append(timed(lambda: ours_prefill(model, prefill_ids), device)[0])
-        pre["transformers"].append(timed(lambda: theirs_prefill(hf, prefill_ids), device)[0])
+    for i in range(repeats):
+        for who in ("ours", "transformers") if i % 2 == 0 else ("transformers", "ours"):
+            pre[who].append(timed(prefills[who], device)[0])
     result["prefill"] = {
         k: {"seconds_all": v, "tokens_per_s": prefill_len / median(v),
             "tokens_per_s_all": [prefill_len / t for t in v]}
