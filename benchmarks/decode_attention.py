@@ -27,7 +27,7 @@ import tracer
 from tracer.model import Attention
 from tracer.train_tiny.pipeline import cpu_model
 
-from .speed import DTYPES, log, model_folder, write_results
+from .speed import DTYPES, cpu_simd, log, model_folder, write_results
 
 
 def _use_kernel_attention(model, on: bool) -> None:
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "llama-tracer decode attention (benchmarks/decode_attention.py)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"device": "cpu", "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
+        "machine": {"device": "cpu", "cpu_model": cpu_model(), "cpu_simd": cpu_simd(), "cpu_cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "model": {"name": args.model, "note": note, "layers": cfg.num_hidden_layers,

@@ -1,10 +1,10 @@
-"""Render the results section of benchmarks/README.md from the JSON files in benchmarks/results/.
+"""Render the results in both READMEs from the JSON files in benchmarks/results/.
 
-    python -m benchmarks.report          # print the section
-    python -m benchmarks.report --write  # replace it in benchmarks/README.md
+    python -m benchmarks.report          # print benchmarks/README.md's results section
+    python -m benchmarks.report --write  # replace it there, and the speed summary in README.md
 
-The README quotes the committed JSON, never hand-copied numbers; tests/test_benchmarks.py fails
-when the two drift apart.
+The READMEs quote the committed JSON, never hand-copied numbers; tests/test_benchmarks.py fails
+when they drift apart.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import json
 from pathlib import Path
 
 from .decode_attention import table as attention_table
-from .speed import table
+from .speed import cpu_label, table
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+TOP_README = HERE.parent / "README.md"
 RESULTS = HERE / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- speed-summary:begin -->", "<!-- speed-summary:end -->"
 
 TITLES = {
     "embedded": "Embedded model",
@@ -33,7 +35,7 @@ def speed_section(path: Path) -> str:
     m = r["machine"]
     threads = m["torch_threads"]
     title = f"{TITLES.get(r['model']['name'], r['model']['name'])}, {r['dtype']}, {m['device']}, " \
-            f"{threads} thread{'s' if threads != 1 else ''}"
+            f"{threads} thread{'s' if threads != 1 else ''} ({cpu_label(m)})"
     agree = r["decode"]["greedy_tokens_agree_with_transformers"]
     lines = [
         f"### {title}: `results/{path.name}`",
@@ -60,7 +62,8 @@ def trace_cost_section(path: Path) -> str:
     command += "" if r["dtype"] == "float32" else f" --dtype {r['dtype']}"
     command += "" if r["new_tokens"] == 128 else f" --tokens {r['new_tokens']}"
     lines = [
-        f"### Cost of tracing, {'embedded model' if embedded else TITLES.get(name, name)}, {r['dtype']}, {r['threads']} threads: `results/{path.name}`",
+        f"### Cost of tracing, {'embedded model' if embedded else TITLES.get(name, name)}, {r['dtype']}, "
+        f"{r['threads']} threads ({cpu_label(r)}): `results/{path.name}`",
         "",
         f"`{command} --repeats {r['repeats']}`: {r['new_tokens']} new tokens, "
         f"{r['repeats']} rounds of each timing; full keeps {', '.join(r['full_points'])}.",
@@ -92,6 +95,7 @@ def attention_section(path: Path) -> str:
     r = json.loads(path.read_text())
     m = r["machine"]
     title = f"{TITLES.get(r['model']['name'], r['model']['name'])}, {r['dtype']}, {m['device']}, {m['torch_threads']} threads"
+    title += f" ({cpu_label(m)})"
     return "\n".join([
         f"### Decode attention in the compiled step, {title}: `results/{path.name}`",
         "",
@@ -117,19 +121,102 @@ def render() -> str:
     return "\n\n".join(parts)
 
 
+def _results() -> list[tuple[Path, dict]]:
+    return [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("*.json"))]
+
+
+def _is_speed(r: dict) -> bool:
+    return r.get("benchmark", "").startswith("llama-tracer speed") and not r.get("quick")
+
+
+def summary() -> str:
+    """README.md's speed summary: one row per speed results file, then the load, prefill,
+    bandwidth and tracing figures that the prose there talks about."""
+    speeds = [(p, r) for p, r in _results() if _is_speed(r)]
+    # Largest model first, then the embedded model's 2-thread run before its 1-thread run.
+    speeds.sort(key=lambda pr: (-pr[1]["model"]["num_parameters"], -pr[1]["machine"]["torch_threads"]))
+    lines = [
+        "| model | transformers `generate` | ours, capture off | ours, light | ours, `compile=True` "
+        "| ours off on torch's `F.linear` | our kernel over the weights only | llama.cpp, same weights |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(r: dict, name: str, ratio: bool = False) -> str:
+        d = r["decode"]
+        if name not in d:
+            return ""
+        v = d[name]["tokens_per_s"]
+        text = f"{v:.2f}" if v < 100 else f"{v:.0f}"
+        return text + (f" ({v / d['transformers']['tokens_per_s']:.2f}x)" if ratio else "")
+
+    for _, r in speeds:
+        threads = r["machine"]["torch_threads"]
+        name = {"embedded": "embedded", "llama-1b": "Llama-3.2-1B shapes", "llama2-7b": "Llama-2-7B shapes"}
+        label = f"{name.get(r['model']['name'], r['model']['name'])} ({r['model']['num_parameters'] / 1e6:,.0f}M), " \
+                f"{r['dtype']}, {threads} thread{'s' if threads != 1 else ''}"
+        lines.append(
+            f"| {label} | {cell(r, 'transformers')} | {cell(r, 'ours_off', True)} | {cell(r, 'ours_light')} "
+            f"| {cell(r, 'ours_compiled', True)} | {cell(r, 'ours_off_torch_matvec')} | {cell(r, 'kernel_only')} "
+            f"| {cell(r, 'llamacpp')} |"
+        )
+    lines.append("")
+    machines = sorted({f"{cpu_label(r['machine'])}, {r['machine']['cpu_cores']} cores, torch {r['machine']['torch']}, "
+                       f"transformers {r['machine']['transformers']}" for _, r in speeds})
+    dates = sorted(r["date"][:10] for _, r in speeds)
+    lines.append(f"Machine: {'; '.join(machines)}; measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+                 + ". From " + ", ".join(f"`benchmarks/results/{p.name}`" for p, _ in speeds) + ":")
+    lines.append("")
+    for path, r in speeds:
+        d, ratios, ld, bw = r["decode"], r["ratios"], r["load"], r["bandwidth"]
+        agree = d["greedy_tokens_agree_with_transformers"]
+        per_round = sorted(c / t for c, t in zip(d.get("ours_compiled", d["ours_off"])["tokens_per_s_all"],
+                                                  d["transformers"]["tokens_per_s_all"]))
+        parts = [
+            f"greedy tokens equal to transformers' for {agree['leading_equal']} of {agree['of']}",
+            f"{'compiled' if 'ours_compiled' in d else 'off'}/transformers per round {per_round[0]:.2f}-{per_round[-1]:.2f}",
+            f"prefill of {r['settings']['prefill_tokens']} tokens {ratios['prefill_ours_over_transformers']:.2f}x transformers",
+            f"load to first logits {ld['ours']['seconds']:.2f} s vs {ld['transformers']['seconds']:.2f} s, peak RSS "
+            f"{ld['ours']['peak_rss_above_baseline_MB']:.0f} MB above baseline (model {ld['ours']['model_MB']:.0f} MB)",
+        ]
+        if "kernel_only" in d:
+            gbps = d["kernel_only"]["tokens_per_s"] * r["model"]["weight_bytes_per_token"] / 1e9
+            parts.append(f"kernel only reads {gbps:.1f} GB/s of weights (`x.sum()` {bw['sum_GBps']:.1f} GB/s in the same run)")
+        lines.append(f"- `{path.name}`: " + "; ".join(parts) + ".")
+    for path, r in _results():
+        if "trace_bytes_on_disk" in r and "lockstep" in r:
+            lk = r["lockstep"]["ratios"]
+            lines.append(
+                f"- `{path.name}` ({Path(r['model']).name}, {r['dtype']}, {r['repeats']} rounds in lockstep): "
+                f"light/off {lk['light/off']:.3f}, off/bare {lk['off/bare']:.3f}, two identical bare runs "
+                f"{lk['bare_again/bare']:.3f}."
+            )
+    return "\n".join(lines)
+
+
+def _replace(text: str, begin: str, end: str, body: str) -> str:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n\n{body}\n\n{end}{tail}"
+
+
 def updated_readme() -> str:
-    text = README.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n\n{render()}\n\n{END}{tail}"
+    """benchmarks/README.md with its results section rendered anew."""
+    return _replace(README.read_text(), BEGIN, END, render())
+
+
+def updated_top_readme() -> str:
+    """README.md with its speed summary rendered anew."""
+    return _replace(TOP_README.read_text(), SUMMARY_BEGIN, SUMMARY_END, summary())
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="replace the section in benchmarks/README.md")
+    ap.add_argument("--write", action="store_true",
+                    help="replace the results in benchmarks/README.md and the summary in README.md")
     args = ap.parse_args(argv)
     if args.write:
         README.write_text(updated_readme())
+        TOP_README.write_text(updated_top_readme())
     else:
         print(render())
 

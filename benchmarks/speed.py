@@ -143,6 +143,17 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def cpu_simd() -> str:
+    """The widest vector instructions torch's CPU kernels use here (e.g. AVX2, AVX512): two CPUs
+    of one model name can differ in it, and with it in torch's and llama.cpp's speed and rounding."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_label(m: dict) -> str:
+    """'AMD EPYC, AVX512' from a results file's machine record (older files have no SIMD field)."""
+    return ", ".join(x for x in (m.get("cpu_model") or m.get("cpu"), m.get("cpu_simd")) if x)
+
+
 def write_results(result: dict, path) -> None:
     """The results JSON at ``path`` (folders made as needed), and a line saying so."""
     out = Path(path)
@@ -423,6 +434,7 @@ def run(args) -> dict:
         "machine": {
             "device": str(device),
             "cpu_model": cpu_model(),
+            "cpu_simd": cpu_simd(),
             "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -647,7 +659,7 @@ def table(r: dict) -> str:
     m = r["machine"]
     lines = [
         f"{r['model']['name']} ({r['model']['num_parameters'] / 1e6:.0f}M params) {r['dtype']} on "
-        f"{m['device']} ({m['cpu_model']}, {m['torch_threads']} threads), torch {m['torch']}, "
+        f"{m['device']} ({cpu_label(m)}, {m['torch_threads']} threads), torch {m['torch']}, "
         f"transformers {m['transformers']} (attn: {r['transformers_attn_implementation']})",
         "",
         "| what | ours | transformers | ratio |",

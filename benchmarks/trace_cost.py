@@ -32,6 +32,8 @@ import torch
 import tracer
 from tracer.train_tiny.pipeline import cpu_model
 
+from .speed import cpu_simd
+
 FULL_POINTS = ("blocks.0.attn.pattern", "blocks.*.resid_post", "logits")
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
 
@@ -197,6 +199,7 @@ def main(argv=None) -> dict:
         "device": "cpu",
         "dtype": args.dtype,
         "cpu": cpu_model(),
+        "cpu_simd": cpu_simd(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "new_tokens": n,

@@ -77,10 +77,25 @@ def test_decode_attention_small_run_writes_results(tmp_path):
 
 
 def test_benchmarks_readme_quotes_the_committed_results():
-    """The results section is rendered from benchmarks/results/*.json (python -m benchmarks.report --write)."""
+    """Both READMEs' figures are rendered from benchmarks/results/*.json (python -m benchmarks.report --write)."""
     from benchmarks import report
 
     assert report.README.read_text() == report.updated_readme(), "run: python -m benchmarks.report --write"
+    assert report.TOP_README.read_text() == report.updated_top_readme(), "run: python -m benchmarks.report --write"
+
+
+def test_top_readme_summary_has_a_row_and_the_figures_of_every_speed_result():
+    from benchmarks import report
+
+    text = report.summary()
+    speeds = [(p, r) for p, r in report._results() if report._is_speed(r)]
+    assert speeds, "no committed speed results"
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "(" in line.split("|")[1]]
+    assert len(rows) == len(speeds)
+    for path, r in speeds:
+        assert f"`{path.name}`: greedy tokens equal" in text
+        assert f"{r['decode']['transformers']['tokens_per_s']:.2f}"[:3] in text
+    assert report.SUMMARY_BEGIN in report.TOP_README.read_text()
 
 
 def test_llamacpp_conversion_reorders_q_and_k_for_interleaved_rope():
