@@ -28,6 +28,7 @@ TITLES = {
     "llama-1b": "Llama-3.2-1B shapes (random weights)",
     "llama2-7b": "Llama-2-7B shapes (random weights)",
 }
+SHORT_NAMES = {"embedded": "embedded", "llama-1b": "Llama-3.2-1B shapes", "llama2-7b": "Llama-2-7B shapes"}
 
 
 def speed_section(path: Path) -> str:
@@ -108,10 +109,17 @@ def attention_section(path: Path) -> str:
     ])
 
 
+def _results() -> list[tuple[Path, dict]]:
+    return [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("*.json"))]
+
+
+def _is_speed(r: dict) -> bool:
+    return r.get("benchmark", "").startswith("llama-tracer speed") and not r.get("quick")
+
+
 def render() -> str:
     parts = []
-    for path in sorted(RESULTS.glob("*.json")):
-        r = json.loads(path.read_text())
+    for path, r in _results():
         if "trace_bytes_on_disk" in r:
             parts.append(trace_cost_section(path))
         elif r.get("benchmark", "").startswith("llama-tracer decode attention"):
@@ -119,14 +127,6 @@ def render() -> str:
         else:
             parts.append(speed_section(path))
     return "\n\n".join(parts)
-
-
-def _results() -> list[tuple[Path, dict]]:
-    return [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("*.json"))]
-
-
-def _is_speed(r: dict) -> bool:
-    return r.get("benchmark", "").startswith("llama-tracer speed") and not r.get("quick")
 
 
 def summary() -> str:
@@ -151,8 +151,7 @@ def summary() -> str:
 
     for _, r in speeds:
         threads = r["machine"]["torch_threads"]
-        name = {"embedded": "embedded", "llama-1b": "Llama-3.2-1B shapes", "llama2-7b": "Llama-2-7B shapes"}
-        label = f"{name.get(r['model']['name'], r['model']['name'])} ({r['model']['num_parameters'] / 1e6:,.0f}M), " \
+        label = f"{SHORT_NAMES.get(r['model']['name'], r['model']['name'])} ({r['model']['num_parameters'] / 1e6:,.0f}M), " \
                 f"{r['dtype']}, {threads} thread{'s' if threads != 1 else ''}"
         lines.append(
             f"| {label} | {cell(r, 'transformers')} | {cell(r, 'ours_off', True)} | {cell(r, 'ours_light')} "
@@ -186,9 +185,9 @@ def summary() -> str:
         if "trace_bytes_on_disk" in r and "lockstep" in r:
             lk = r["lockstep"]["ratios"]
             lines.append(
-                f"- `{path.name}` ({Path(r['model']).name}, {r['dtype']}, {r['repeats']} rounds in lockstep): "
-                f"light/off {lk['light/off']:.3f}, off/bare {lk['off/bare']:.3f}, two identical bare runs "
-                f"{lk['bare_again/bare']:.3f}."
+                f"- tracing, `{path.name}` ({Path(r['model']).name}, {r['dtype']}, {r['repeats']} rounds in lockstep): "
+                f"light/off {lk['light/off']:.3f}, off/bare {lk['off/bare']:.3f}; two identical bare runs "
+                f"{lk['bare_again/bare']:.3f} (the noise floor)."
             )
     return "\n".join(lines)
 
