@@ -133,12 +133,13 @@ def summary() -> str:
     """README.md's speed summary: one row per speed results file, then the load, prefill,
     bandwidth and tracing figures that the prose there talks about."""
     speeds = [(p, r) for p, r in _results() if _is_speed(r)]
-    # Largest model first, then the embedded model's 2-thread run before its 1-thread run.
-    speeds.sort(key=lambda pr: (-pr[1]["model"]["num_parameters"], -pr[1]["machine"]["torch_threads"]))
+    # Largest model first, then the embedded model's 2-thread run before its 1-thread run; runs of
+    # one setting in the order they were measured (each is kept: they differ by the VM's noise).
+    speeds.sort(key=lambda pr: (-pr[1]["model"]["num_parameters"], -pr[1]["machine"]["torch_threads"], pr[1]["date"]))
     lines = [
-        "| model | transformers `generate` | ours, capture off | ours, light | ours, `compile=True` "
+        "| model | started (UTC) | transformers `generate` | ours, capture off | ours, light | ours, `compile=True` "
         "| ours off on torch's `F.linear` | our kernel over the weights only | llama.cpp, same weights |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(r: dict, name: str, ratio: bool = False) -> str:
@@ -154,7 +155,7 @@ def summary() -> str:
         label = f"{SHORT_NAMES.get(r['model']['name'], r['model']['name'])} ({r['model']['num_parameters'] / 1e6:,.0f}M), " \
                 f"{r['dtype']}, {threads} thread{'s' if threads != 1 else ''}"
         lines.append(
-            f"| {label} | {cell(r, 'transformers')} | {cell(r, 'ours_off', True)} | {cell(r, 'ours_light')} "
+            f"| {label} | {r['date'][:16]} | {cell(r, 'transformers')} | {cell(r, 'ours_off', True)} | {cell(r, 'ours_light')} "
             f"| {cell(r, 'ours_compiled', True)} | {cell(r, 'ours_off_torch_matvec')} | {cell(r, 'kernel_only')} "
             f"| {cell(r, 'llamacpp')} |"
         )
