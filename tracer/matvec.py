@@ -61,49 +61,34 @@ class Kernel:
     def _lib(self) -> ctypes.CDLL:
         return ctypes.CDLL(str(self.path))
 
-    @functools.cached_property
-    def _fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
+    def _bind(self, name: str, dtypes, argtypes: list, restype) -> dict[torch.dtype, ctypes._CFuncPtr]:
+        """The library's ``{name}_{suffix}`` function for each dtype, with its C signature."""
         fns = {}
-        for dtype, suffix in _SUFFIX.items():
-            fn = getattr(self._lib, f"matvec_{suffix}")
-            p = ctypes.c_void_p
-            fn.argtypes = [p, p, p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-            fn.restype = None
+        for dtype in dtypes:
+            fn = getattr(self._lib, f"{name}_{_SUFFIX[dtype]}")
+            fn.argtypes, fn.restype = argtypes, restype
             fns[dtype] = fn
         return fns
+
+    @functools.cached_property
+    def _fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
+        p, n = ctypes.c_void_p, ctypes.c_long
+        return self._bind("matvec", _SUFFIX, [p, p, p, n, n, ctypes.c_int], None)
 
     @functools.cached_property
     def _fns3(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
-        fns = {}
-        for dtype, suffix in _SUFFIX.items():
-            fn = getattr(self._lib, f"matvec3_{suffix}")
-            p, n = ctypes.c_void_p, ctypes.c_long
-            fn.argtypes = [p, n, p, n, p, n, p, p, n, ctypes.c_int]
-            fn.restype = None
-            fns[dtype] = fn
-        return fns
+        p, n = ctypes.c_void_p, ctypes.c_long
+        return self._bind("matvec3", _SUFFIX, [p, n, p, n, p, n, p, p, n, ctypes.c_int], None)
 
     @functools.cached_property
     def _rows_fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
-        fns = {}
-        for dtype in _ROWS_DTYPES:
-            fn = getattr(self._lib, f"matmat_{_SUFFIX[dtype]}")
-            p, n = ctypes.c_void_p, ctypes.c_long
-            fn.argtypes = [p, p, p, n, n, n, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            fns[dtype] = fn
-        return fns
+        p, n = ctypes.c_void_p, ctypes.c_long
+        return self._bind("matmat", _ROWS_DTYPES, [p, p, p, n, n, n, ctypes.c_int], ctypes.c_int)
 
     @functools.cached_property
     def _attend_fns(self) -> dict[torch.dtype, ctypes._CFuncPtr]:
-        fns = {}
-        for dtype, suffix in _SUFFIX.items():
-            fn = getattr(self._lib, f"attend_{suffix}")
-            p, n = ctypes.c_void_p, ctypes.c_long
-            fn.argtypes = [p, p, p, p, p, n, n, n, n, n, ctypes.c_float, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            fns[dtype] = fn
-        return fns
+        p, n = ctypes.c_void_p, ctypes.c_long
+        return self._bind("attend", _SUFFIX, [p, p, p, p, p, n, n, n, n, n, ctypes.c_float, ctypes.c_int], ctypes.c_int)
 
     @property
     def available(self) -> bool:
