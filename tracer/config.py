@@ -2,7 +2,9 @@
 
 Two hub styles exist (see shared notes): transformers 4.x writes ``rope_theta``/``rope_scaling``/
 ``torch_dtype`` at the top level; 5.x writes ``rope_parameters`` and ``dtype``. Both parse to the same
-:class:`LlamaConfig`. generation_config.json parses to :class:`GenerationDefaults`.
+:class:`LlamaConfig`. A file that mixes them is read as transformers 5.x reads it (a non-empty
+``rope_scaling`` replaces ``rope_parameters``; ``dtype`` beats ``torch_dtype``), with a one-line
+:class:`ConfigWarning` where the two disagree. generation_config.json parses to :class:`GenerationDefaults`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int | None = None  # llama3 only
+    # Per-frequency divisors (head_dim / 2 of them), as a GGUF stores Llama 3.1's scaling: llama.cpp
+    # writes the ``rope_freqs`` tensor instead of the llama3 keys, and divides each frequency by it.
+    freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,11 @@ class LlamaConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers 4.x style dict (what most hub repos ship as config.json)."""
         rope = self.rope
+        if rope.freq_factors is not None:
+            raise ConfigError(
+                "this config's rope has per-frequency factors (a GGUF's rope_freqs tensor), which "
+                "config.json cannot express; keep the GGUF file as the checkpoint"
+            )
         scaling: dict[str, Any] | None = None
         if rope.rope_type != "default":
             scaling = {"rope_type": rope.rope_type, "factor": rope.factor}
@@ -178,7 +189,7 @@ class LlamaConfig:
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
+            "rms_norm_eps": float(self.rms_norm_eps),
             "rope_theta": rope.theta,
             "rope_scaling": scaling,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -190,7 +201,7 @@ class LlamaConfig:
             "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.torch_dtype,
-            "initializer_range": self.initializer_range,
+            "initializer_range": float(self.initializer_range),
             "pretraining_tp": 1,
             "use_cache": True,
         }
@@ -237,6 +248,41 @@ def read_json(path: str | Path, error: type[Exception]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Parsing and validation
+#
+# The oracle is transformers 5.x reading the same file (``AutoConfig.from_pretrained``, then building
+# ``LlamaForCausalLM``). Where config.json says a thing twice, we take the value transformers takes and
+# warn (:class:`ConfigWarning`); where transformers refuses the file, or would run something this
+# runtime does not implement, we raise ConfigError naming the field. tests/test_config_precedence.py
+# checks every rule below against transformers itself.
+
+_DEFAULT_ROPE_THETA = 10000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta
+# The keys each rope type needs, as transformers' _validate_<type>_rope_parameters lists them: a missing
+# one is a KeyError there. (llama3's original_max_position_embeddings is filled in before that check.)
+_ROPE_REQUIRED = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+# Keys every rope type accepts; anything else in the dict is ignored (transformers logs "Unrecognized keys").
+_ROPE_COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+# Fields this runtime does not use, but which transformers' strict LlamaConfig type-checks: a wrong type
+# makes transformers refuse the file, so it is refused here too rather than silently ignored.
+_UNUSED_TYPED_FIELDS = {
+    "use_cache": (bool,),
+    "pretraining_tp": (int, type(None)),
+    "attention_dropout": (int, float, type(None)),
+}
+_ABSENT = object()  # marks "key not in the dict" where null is a value of its own
+
+
+class ConfigWarning(UserWarning):
+    """config.json is readable, but gives one setting two different values (4.x and 5.x keys) or holds
+    something transformers ignores or only warns about; the one-line message says what is read."""
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is _ABSENT else repr(value)
 
 
 def _int_field(raw: dict, key: str, source: str, *, required: bool, default: int | None = None):
@@ -263,47 +309,265 @@ def _float_field(raw: dict, key: str, source: str, default: float) -> float:
     return float(value)
 
 
-def _parse_rope(raw: dict, source: str, max_pos: int) -> RopeConfig:
-    # 5.x: rope_parameters holds everything; 4.x: rope_theta + rope_scaling at the top level.
+def _strict_float(raw: dict, key: str, source: str, default: float) -> float:
+    """A field transformers types as ``float``: its strict dataclass refuses null and integers (``0``)."""
+    value = raw.get(key, default)
+    if not isinstance(value, float):
+        raise ConfigError(
+            f"{source}: field {key!r} must be a floating-point number (transformers refuses {value!r}; "
+            f"write e.g. {float(default)!r})"
+        )
+    return _float_field(raw, key, source, default)
+
+
+def _number(params: dict, key: str, where: str) -> float:
+    """A rope key that must hold a number: null and strings make transformers' rope maths fail."""
+    if params[key] is None:
+        raise ConfigError(f"{where}: {key!r} is null; transformers cannot compute with it: set a number")
+    return _float_field(params, key, where, 0.0)
+
+
+# --- RoPE: which dict, which keys ------------------------------------------------------------
+
+
+def _pick_rope_dict(raw: dict, source: str) -> tuple[str, dict, dict]:
+    """(name, dict transformers reads, the other dict) for the rope settings.
+
+    transformers 5.x (convert_rope_params_to_dict) does ``rope_parameters = rope_scaling or
+    rope_parameters``: a non-empty 4.x ``rope_scaling`` replaces the 5.x ``rope_parameters`` whole,
+    rope_theta included; a null or empty ``rope_scaling`` is ignored.
+    """
     params = raw.get("rope_parameters")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise ConfigError(f"{source}: 'rope_parameters' must be an object, got {params!r}")
-        theta = _float_field(params, "rope_theta", f"{source} rope_parameters", 10000.0)
-        scaling = params
-    else:
-        theta = _float_field(raw, "rope_theta", source, 10000.0)
-        scaling = raw.get("rope_scaling") or {}
-        if not isinstance(scaling, dict):
-            raise ConfigError(f"{source}: 'rope_scaling' must be an object or null, got {scaling!r}")
-    if theta <= 0:
-        raise ConfigError(f"{source}: rope_theta must be positive, got {theta}")
-    # Older configs say "type" instead of "rope_type".
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: 'rope_parameters' must be an object, got {params!r}")
+    scaling = raw.get("rope_scaling")
+    if scaling and not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: 'rope_scaling' must be an object or null, got {scaling!r}")
+    if scaling:
+        return "rope_scaling", scaling, params or {}
+    return "rope_parameters", params or {}, {}
+
+
+def _standardize_rope(raw: dict, chosen: dict, max_pos: int) -> dict:
+    """The rope dict as transformers completes it before computing frequencies."""
+    rope = dict(chosen)
+    # convert_rope_params_to_dict: a key inside the dict wins; the top-level 4.x key only fills a gap.
+    # setdefault keeps an explicit null, which transformers then cannot compute with.
+    rope.setdefault("rope_theta", raw.get("rope_theta", _DEFAULT_ROPE_THETA))
+    if raw.get("partial_rotary_factor") is not None:
+        rope.setdefault("partial_rotary_factor", raw["partial_rotary_factor"])
+    # standardize_rope_params: 'rope_type' wins over the older 'type'.
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] == "llama3":
+        # standardize_rope_params runs again when the rotary embedding is built, and then a top-level
+        # original_max_position_embeddings (its Phi-3 rule) overrides the dict's; else max_pos fills a gap.
+        if "original_max_position_embeddings" in raw:
+            rope["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+        rope.setdefault("original_max_position_embeddings", max_pos)
+    return rope
+
+
+def _theta_sources(raw: dict, name: str, chosen: dict, other: dict) -> tuple[str, list[tuple[str, Any]]]:
+    """Where rope_theta is read from, and the (label, value) pairs that are present but not read.
+
+    The read dict's key comes first, then the top-level key, then the default; the dict transformers
+    ignores (rope_parameters beside a non-empty rope_scaling) is never read.
+    """
+    readable = [(f"{name}.rope_theta", chosen), ("rope_theta", raw)]
+    present = [(label, d["rope_theta"]) for label, d in readable if "rope_theta" in d]
+    used = present[0][0] if present else "the default"
+    ignored = present[1:]
+    if "rope_theta" in other:
+        ignored.append(("rope_parameters.rope_theta", other["rope_theta"]))
+    return used, ignored
+
+
+def _parse_rope(raw: dict, source: str, max_pos: int, notes: list[str]) -> RopeConfig:
+    """The RopeConfig transformers would compute with; what it says twice or ignores goes to ``notes``."""
+    name, chosen, other = _pick_rope_dict(raw, source)
+    rope = _standardize_rope(raw, chosen, max_pos)
+    theta_label, theta_ignored = _theta_sources(raw, name, chosen, other)
+    config = _rope_config(rope, source, name, theta_label, other)
+    for label, value in theta_ignored:
+        if value != rope["rope_theta"]:
+            notes.append(f"{label}={value!r} is ignored; transformers reads rope_theta from {theta_label} "
+                         f"({rope['rope_theta']!r}), and so does this runtime")
+    notes += _rope_conflicts(raw, name, chosen, other)
+    notes += _rope_oddities(raw, chosen, rope, config)
+    return config
+
+
+def _rope_type(rope: dict, source: str, name: str) -> str:
+    rope_type = rope["rope_type"]
+    if rope_type is None:
+        raise ConfigError(
+            f"{source}: {name}.rope_type is null; transformers cannot build a rotary embedding from it: "
+            f"set one of {list(ROPE_TYPES)} or remove the key"
+        )
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"{source}: unknown rope type {rope_type!r}; this runtime supports {list(ROPE_TYPES)}"
         )
+    return rope_type
+
+
+def _rope_theta(rope: dict, source: str, label: str) -> float:
+    if rope["rope_theta"] is None:
+        raise ConfigError(f"{source}: {label} is null; transformers cannot compute rotary frequencies "
+                          "from it: set a number (10000.0 is the usual base) or remove the key")
+    theta = _float_field(rope, "rope_theta", f"{source} {label}", _DEFAULT_ROPE_THETA)
+    if theta <= 0:  # transformers runs it: infinite or negative-base frequencies
+        raise ConfigError(f"{source}: {label} must be positive, got {theta}")
+    return theta
+
+
+def _rope_config(rope: dict, source: str, name: str, theta_label: str, other: dict) -> RopeConfig:
+    """Validate the standardized dict (what transformers refuses, we refuse) and build a RopeConfig."""
+    rope_type = _rope_type(rope, source, name)
+    theta = _rope_theta(rope, source, theta_label)
     where = f"{source} rope scaling"
-    factor = _float_field(scaling, "factor", where, 1.0)
-    if rope_type != "default" and factor <= 0:
+    for key in _ROPE_REQUIRED[rope_type]:
+        if key not in rope:
+            hint = ""
+            if key in other:  # the key is there, in the dict transformers does not read
+                hint = (f" (rope_parameters has it, but transformers ignores rope_parameters when "
+                        f"rope_scaling is set: add {key!r} to rope_scaling)")
+            raise ConfigError(f"{where}: rope type {rope_type!r} needs {key!r}{hint}")
+    _check_partial_rotary(rope, rope_type, where)
+    if rope_type == "default":
+        return RopeConfig("default", theta)  # transformers ignores factor & co. for 'default'
+    factor = _number(rope, "factor", where)
+    if factor <= 0:  # transformers only warns, then divides by it: inf or negative frequencies
         raise ConfigError(f"{where}: 'factor' must be positive for rope type {rope_type!r}")
-    if rope_type == "llama3":
-        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if key not in scaling:
-                raise ConfigError(f"{where}: rope type 'llama3' needs {key!r}")
-        low = _float_field(scaling, "low_freq_factor", where, 1.0)
-        high = _float_field(scaling, "high_freq_factor", where, 4.0)
-        if not high > low:
-            raise ConfigError(f"{where}: high_freq_factor ({high}) must exceed low_freq_factor ({low})")
-        original = _int_field(scaling, "original_max_position_embeddings", where, required=True)
-        return RopeConfig("llama3", theta, factor, low, high, original)
-    return RopeConfig(rope_type, theta, factor)
+    if rope_type != "llama3":
+        return RopeConfig(rope_type, theta, factor)
+    low = _number(rope, "low_freq_factor", where)
+    high = _number(rope, "high_freq_factor", where)
+    original = _original_max_positions(rope, where)
+    return RopeConfig("llama3", theta, factor, low, high, original)
 
 
-def _parse(raw: dict[str, Any], source: str) -> LlamaConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+def _original_max_positions(rope: dict, where: str) -> int:
+    value = rope["original_max_position_embeddings"]
+    if value is None:
+        raise ConfigError(f"{where}: 'original_max_position_embeddings' is null; transformers cannot "
+                          "compute llama3 frequencies with it: set the pre-training context length")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # transformers computes with 8192.0 exactly as with 8192
+    return _int_field({"original_max_position_embeddings": value}, "original_max_position_embeddings",
+                      where, required=True)
+
+
+def _check_partial_rotary(rope: dict, rope_type: str, where: str) -> None:
+    """partial_rotary_factor < 1 rotates part of each head: transformers' Llama ignores the key for
+    'default', and for the other types runs only 1.0 (null fails, < 1 gives frequencies for part of a
+    head that it then cannot apply); this runtime always rotates whole heads."""
+    partial = rope.get("partial_rotary_factor", 1.0)
+    if rope_type == "default" or partial == 1.0:
+        return
+    raise ConfigError(
+        f"{where}: partial_rotary_factor={partial!r} with rope type {rope_type!r}: transformers' "
+        "Llama cannot apply it and this runtime rotates whole heads; remove it"
+    )
+
+
+# --- RoPE: saying what was read --------------------------------------------------------------
+
+
+def _effective_type(params: dict) -> Any:
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _rope_conflicts(raw: dict, name: str, chosen: dict, other: dict) -> list[str]:
+    """One line per setting given twice with different values, naming the one transformers reads."""
+    notes = _rope_dicts_disagree(chosen, other) if other else []
+    rope_type, old_type = chosen.get("rope_type", _ABSENT), chosen.get("type", _ABSENT)
+    if rope_type not in (_ABSENT, None) and old_type is not _ABSENT and rope_type != old_type:
+        notes.append(f"{name}.rope_type={rope_type!r} and {name}.type={old_type!r} disagree; "
+                     f"transformers reads rope_type ({rope_type!r}), and so does this runtime")
+    key = "original_max_position_embeddings"
+    if _effective_type(chosen) == "llama3" and key in raw and key in chosen and chosen[key] != raw[key]:
+        notes.append(f"top-level {key}={raw[key]!r} overrides {name}.{key}={chosen[key]!r} (transformers "
+                     "gives the top-level key priority when it builds the rotary embedding), and so does "
+                     "this runtime")
+    return notes
+
+
+def _rope_dicts_disagree(scaling: dict, params: dict) -> list[str]:
+    """Both styles present: rope_scaling is read, rope_parameters ignored; say so when they differ."""
+    diffs = []
+    if _effective_type(scaling) != _effective_type(params):
+        diffs.append(f"rope_type {_effective_type(scaling)!r} vs {_effective_type(params)!r}")
+    for key in sorted((scaling.keys() | params.keys()) - {"rope_type", "type", "rope_theta"}):
+        a, b = scaling.get(key, _ABSENT), params.get(key, _ABSENT)
+        if a != b:
+            diffs.append(f"{key} {_show(a)} vs {_show(b)}")
+    if not diffs:
+        return []
+    return [f"rope_scaling and rope_parameters disagree ({'; '.join(diffs)}); transformers reads "
+            "rope_scaling and ignores rope_parameters, and so does this runtime"]
+
+
+def _rope_oddities(raw: dict, chosen: dict, rope: dict, config: RopeConfig) -> list[str]:
+    """What transformers runs with only a logged warning (or ignores), said here as a line each."""
+    notes = []
+    known = set(_ROPE_COMMON_KEYS) | set(_ROPE_REQUIRED[config.rope_type])
+    unused = sorted(set(chosen) - known)
+    if unused:
+        notes.append(f"rope keys {unused} are ignored for rope type {config.rope_type!r} "
+                     "(transformers ignores them too)")
+    if rope.get("partial_rotary_factor", 1.0) not in (None, 1.0):  # only 'default' gets this far
+        notes.append(f"partial_rotary_factor={rope['partial_rotary_factor']!r} is ignored: transformers' "
+                     "Llama rotates whole heads for rope type 'default', and so does this runtime")
+    if config.rope_type != "default" and config.factor < 1:
+        notes.append(f"rope 'factor' is {config.factor} (< 1 compresses positions instead of stretching "
+                     "them); transformers warns and runs it, and so does this runtime")
+    if config.rope_type != "llama3":
+        return notes
+    if config.high_freq_factor <= config.low_freq_factor:
+        notes.append(f"llama3 high_freq_factor ({config.high_freq_factor}) should exceed low_freq_factor "
+                     f"({config.low_freq_factor}); transformers warns and runs it, and so does this runtime")
+    key = "original_max_position_embeddings"
+    if key not in chosen and key not in raw:
+        notes.append(f"llama3 rope has no {key}; transformers uses max_position_embeddings "
+                     f"({config.original_max_position_embeddings}), and so does this runtime")
+    return notes
+
+
+# --- the rest of config.json -----------------------------------------------------------------
+
+
+def _parse_dtype(raw: dict, source: str, notes: list[str]) -> str:
+    """transformers reads ``dtype`` and falls back to the 4.x ``torch_dtype`` only when ``dtype`` is
+    absent or null (PreTrainedConfig.__post_init__), then looks the name up as ``torch.<name>``."""
+    dtype, torch_dtype = raw.get("dtype"), raw.get("torch_dtype")
+    key, value = ("dtype", dtype) if dtype is not None else ("torch_dtype", torch_dtype)
+    if value is None:
+        return "float32"
+    if isinstance(value, str) and value.startswith("torch.") and value[6:] in DTYPE_BYTES:
+        raise ConfigError(f"{source}: {key} {value!r} is not a dtype name transformers can read "
+                          f"(it looks the name up in torch and fails); write {value[6:]!r}")
+    if not isinstance(value, str) or value not in DTYPE_BYTES:
+        raise ConfigError(f"{source}: {key} {value!r} is not one of {sorted(DTYPE_BYTES)}, the dtypes this "
+                          "runtime computes in")
+    if torch_dtype is not None and torch_dtype != value:
+        notes.append(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; transformers reads dtype "
+                     f"({dtype!r}), and so does this runtime")
+    return value
+
+
+def _parse_eos(raw: dict, source: str):
+    eos = raw.get("eos_token_id", 2)
+    if isinstance(eos, list):
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise ConfigError(f"{source}: eos_token_id must be an integer or a list of integers")
+        return tuple(eos)
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
+        raise ConfigError(f"{source}: eos_token_id must be an integer or a list, got {eos!r}")
+    return eos
+
+
+def _check_identity(raw: dict, source: str) -> None:
     model_type = raw.get("model_type")
     if model_type != "llama":
         raise ConfigError(
@@ -316,36 +580,10 @@ def _parse(raw: dict[str, Any], source: str) -> LlamaConfig:
             raise ConfigError(
                 f"{source}: architectures is {archs!r}; expected 'LlamaForCausalLM'"
             )
-    sizes = {
-        key: _int_field(raw, key, source, required=True)
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        )
-    }
-    kv = _int_field(raw, "num_key_value_heads", source, required=False)
-    head_dim = _int_field(raw, "head_dim", source, required=False)
-    max_pos = _int_field(raw, "max_position_embeddings", source, required=False, default=2048)
-    eps = _float_field(raw, "rms_norm_eps", source, 1e-6)
-    if eps <= 0:
-        raise ConfigError(f"{source}: rms_norm_eps must be positive, got {eps}")
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: hidden_act is {act!r}; Llama uses 'silu' (SwiGLU)")
-    dtype = raw.get("dtype", raw.get("torch_dtype")) or "float32"
-    dtype = str(dtype).replace("torch.", "")
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"{source}: dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
-    eos = raw.get("eos_token_id", 2)
-    if isinstance(eos, list):
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
-            raise ConfigError(f"{source}: eos_token_id must be an integer or a list of integers")
-        eos = tuple(eos)
-    elif eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
-        raise ConfigError(f"{source}: eos_token_id must be an integer or a list, got {eos!r}")
+
+
+def _check_types(raw: dict, source: str) -> None:
+    """The flags and ids transformers' strict LlamaConfig type-checks (a wrong type: it refuses)."""
     for key in ("bos_token_id", "pad_token_id"):
         v = raw.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -354,32 +592,65 @@ def _parse(raw: dict[str, Any], source: str) -> LlamaConfig:
         v = raw.get(key, False)
         if not isinstance(v, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {v!r}")
-    return _build(sizes, kv, head_dim, max_pos, eps, raw, source, act, dtype, eos)
+    for key, types in _UNUSED_TYPED_FIELDS.items():
+        v = raw.get(key)
+        if key in raw and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise ConfigError(f"{source}: field {key!r} has the wrong type ({v!r}); transformers refuses it")
 
 
-def _build(sizes, kv, head_dim, max_pos, eps, raw, source, act, dtype, eos) -> LlamaConfig:
+def _parse_scalars(raw: dict, source: str) -> dict[str, Any]:
+    """Sizes, norms and the activation, with transformers' defaults for absent keys."""
+    fields: dict[str, Any] = {
+        key: _int_field(raw, key, source, required=True)
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+    }
+    fields["num_key_value_heads"] = _int_field(raw, "num_key_value_heads", source, required=False)
+    fields["head_dim"] = _int_field(raw, "head_dim", source, required=False)
+    if raw.get("max_position_embeddings", 2048) is None:
+        raise ConfigError(f"{source}: field 'max_position_embeddings' is null; transformers requires an "
+                          "integer (remove the key for the default 2048)")
+    fields["max_position_embeddings"] = _int_field(
+        raw, "max_position_embeddings", source, required=False, default=2048)
+    eps = fields["rms_norm_eps"] = _strict_float(raw, "rms_norm_eps", source, 1e-6)
+    if eps <= 0:  # transformers runs it; a zero or negative eps divides by zero on a zero row
+        raise ConfigError(f"{source}: rms_norm_eps must be positive, got {eps}")
+    act = fields["hidden_act"] = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act is {act!r}; Llama uses 'silu' (SwiGLU)")
+    init = fields["initializer_range"] = _strict_float(raw, "initializer_range", source, 0.02)
+    if not 0.0 <= init <= 1.0:  # transformers' interval(min=0.0, max=1.0)
+        raise ConfigError(f"{source}: initializer_range must lie in [0, 1], got {init}")
+    return fields
+
+
+def _parse(raw: dict[str, Any], source: str) -> LlamaConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    _check_identity(raw, source)
+    fields = _parse_scalars(raw, source)
+    _check_types(raw, source)
+    notes: list[str] = []
     try:
-        return LlamaConfig(
-            **sizes,
-            num_key_value_heads=kv,
-            head_dim=head_dim,
-            max_position_embeddings=max_pos,
-            rms_norm_eps=eps,
-            rope=_parse_rope(raw, source, max_pos),
+        config = LlamaConfig(
+            **fields,
+            rope=_parse_rope(raw, source, fields["max_position_embeddings"], notes),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=raw.get("attention_bias", False),
             mlp_bias=raw.get("mlp_bias", False),
-            hidden_act=act,
             bos_token_id=raw.get("bos_token_id", 1),
-            eos_token_id=eos,
+            eos_token_id=_parse_eos(raw, source),
             pad_token_id=raw.get("pad_token_id"),
-            torch_dtype=dtype,
-            initializer_range=_float_field(raw, "initializer_range", source, 0.02),
+            torch_dtype=_parse_dtype(raw, source, notes),
         )
     except ConfigError as exc:
         # Validation inside __post_init__ does not know the file name: add it once, here.
         msg = str(exc)
         raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+    # Said only once the file is known to be usable, so that a refused file gives one error, no warnings.
+    for note in notes:
+        warnings.warn(f"{source}: {note}", ConfigWarning, stacklevel=3)
+    return config
 
 
 def _validate(c: LlamaConfig) -> None:
@@ -395,10 +666,17 @@ def _validate(c: LlamaConfig) -> None:
         v = getattr(c, key)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-    if c.head_dim is None and c.hidden_size % c.num_attention_heads:
+    if c.hidden_size % c.num_attention_heads:
+        if c.head_dim is None:
+            raise ConfigError(
+                f"hidden_size ({c.hidden_size}) is not divisible by num_attention_heads "
+                f"({c.num_attention_heads}); set head_dim explicitly or fix the sizes"
+            )
+        # transformers' LlamaConfig.validate_architecture refuses this even when head_dim is given.
         raise ConfigError(
             f"hidden_size ({c.hidden_size}) is not divisible by num_attention_heads "
-            f"({c.num_attention_heads}); set head_dim explicitly or fix the sizes"
+            f"({c.num_attention_heads}); transformers refuses this even with head_dim "
+            f"({c.head_dim}) set: fix the sizes"
         )
     if c.num_attention_heads % c.num_key_value_heads:
         raise ConfigError(
@@ -411,6 +689,10 @@ def _validate(c: LlamaConfig) -> None:
         raise ConfigError(f"head_dim ({hd}) must be even: RoPE rotates pairs of dimensions")
     if c.rope.rope_type not in ROPE_TYPES:
         raise ConfigError(f"unknown rope type {c.rope.rope_type!r}; supported: {list(ROPE_TYPES)}")
+    factors = c.rope.freq_factors
+    if factors is not None and (len(factors) != hd // 2 or not all(math.isfinite(f) and f > 0 for f in factors)):
+        raise ConfigError(f"rope freq_factors must be {hd // 2} positive numbers (one per frequency), "
+                          f"got {len(factors)}")
 
 
 # ---------------------------------------------------------------------------------------------
