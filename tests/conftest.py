@@ -89,3 +89,58 @@ def tiny_llm(tiny_checkpoint):
     import tracer
 
     return tracer.load(tiny_checkpoint, device="cpu", dtype="float32", progress=False)
+
+
+# --- Tokenizer folders of each family (tests/tokenizer_builders.py) ---
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory):
+    """Llama 3 style: byte-level BPE tokenizer.json whose post-processor adds <|begin_of_text|>."""
+    import tokenizer_builders
+
+    return tokenizer_builders.build_llama3_tokenizer(tmp_path_factory.mktemp("llama3-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory):
+    """SmolLM2 style: byte-level BPE tokenizer.json that adds no BOS, a ChatML template."""
+    import tokenizer_builders
+
+    return tokenizer_builders.build_chatml_tokenizer(tmp_path_factory.mktemp("chatml-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def llama2_chat_tokenizer_dir(tmp_path_factory, sp_tokenizer_dir):
+    """The sentencepiece Llama 2 folder with Llama-2-7b-chat-hf's chat template in its config."""
+    import tokenizer_builders
+
+    folder = tmp_path_factory.mktemp("llama2-chat-tokenizer") / "tokenizer"
+    return tokenizer_builders.with_config(sp_tokenizer_dir, folder, chat_template=tokenizer_builders.LLAMA2_TEMPLATE)
+
+
+# --- GGUF files the tests write (tests/gguf_builders.py over benchmarks/gguf_writer.py) ---------
+
+
+@pytest.fixture(scope="session")
+def gguf_cases(tmp_path_factory, sp_tokenizer_dir):
+    """The builder behind ``gguf_file`` and ``damaged_gguf`` (one per session)."""
+    import gguf_builders
+
+    return gguf_builders.GgufCases(tmp_path_factory.mktemp("gguf"), sp_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def gguf_file(gguf_cases):
+    """Factory: ``gguf_file(kind) -> (path, hf_model, source tokenizer)`` for a kind of
+    gguf_builders.KINDS ("gpt2-f32", "llama-f16", "gpt2-q4_0-tied", ...), built once per kind."""
+    pytest.importorskip("gguf")
+    return gguf_cases.get
+
+
+@pytest.fixture(scope="session")
+def damaged_gguf(gguf_cases):
+    """Factory: ``damaged_gguf(name) -> path`` for a damage of gguf_builders.DAMAGES ("truncated",
+    "extra_tensors", "past_end", "undequantizable", "qwen2", "no_tokenizer", "no_vocab")."""
+    pytest.importorskip("gguf")
+    return gguf_cases.damage

@@ -29,8 +29,10 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # benchmarks/ (the GGUF writer)
 
 import builders  # noqa: E402
+import gguf_builders  # noqa: E402
 
 import tracer  # noqa: E402
 from tracer import errors  # noqa: E402
@@ -49,6 +51,7 @@ class Workspace:
         self.small_vocab = Path(small_vocab)
         self._n = 0
         self._llm = None
+        self._gguf = None
 
     @classmethod
     def build(cls, root: Path) -> Workspace:
@@ -69,6 +72,17 @@ class Workspace:
         shutil.copytree(source or self.base, dest)
         return dest
 
+    def gguf(self, kind: str = "gpt2-f32", damage: str | None = None) -> Path:
+        """A fresh copy of a GGUF file the tests write (tests/gguf_builders.py), maybe damaged."""
+        if self._gguf is None:
+            self._gguf = gguf_builders.GgufCases(self.root / "gguf", self.root / "tokenizer")
+        src = self._gguf.damage(damage) if damage else self._gguf.get(kind).path
+        self._n += 1
+        dest = self.root / f"case-{self._n:03d}"
+        dest.mkdir()
+        shutil.copy(src, dest / "model.gguf")
+        return dest / "model.gguf"
+
     @property
     def llm(self) -> tracer.Llama:
         if self._llm is None:
@@ -76,7 +90,10 @@ class Workspace:
         return self._llm
 
     def normalize(self, message: str) -> str:
-        """Message with the machine's paths replaced by ``$MODEL`` / ``$TMP``."""
+        """Message with the machine's paths replaced by ``$MODEL`` / ``$TMP`` / ``$SITE``."""
+        import sysconfig
+
+        message = message.replace(sysconfig.get_paths()["purelib"], "$SITE")
         for root in {str(self.root.resolve()), str(self.root)}:
             message = re.sub(re.escape(root) + r"/case-\d+", "$MODEL", message)
             message = message.replace(root, "$TMP")
@@ -271,6 +288,30 @@ def gpu_too_small(ws):
         return check_fits(cfg, torch.device("cuda"), torch.float32)
 
 
+def _gguf_damaged(damage: str):
+    return lambda ws: load(ws.gguf(damage=damage))
+
+
+def two_ggufs(ws):
+    path = ws.gguf()
+    shutil.copy(path, path.parent / "other.gguf")
+    return load(path.parent)
+
+
+def not_a_gguf(ws):
+    path = ws.gguf()
+    path.write_bytes(b"PK\x03\x04 a zip, not a GGUF" + bytes(64))
+    return load(path)
+
+
+def wrong_sha256(ws):
+    from dataclasses import replace
+
+    from tracer import catalog
+
+    return catalog.offline_gguf(replace(catalog.CATALOG["smollm2"], sha256="0" * 64))
+
+
 def _trace_folder(ws) -> Path:
     gen = ws.llm.generate("Hello", max_new_tokens=2, capture="full", points=("blocks.0.attn.pattern",))
     ws._n += 1
@@ -380,6 +421,18 @@ CASES: list[Case] = [
     Case("weights", "index lists a tensor its shard lacks", K,
          _weight_map(lambda wm, ws: wm.__setitem__("model.layers.0.extra.weight",
                                                    wm["model.embed_tokens.weight"]))),
+    # GGUF files (llama.cpp's format)
+    Case("gguf", "GGUF truncated inside its tensor data", K, _gguf_damaged("truncated")),
+    Case("gguf", "GGUF header claims one more tensor than it holds", K, _gguf_damaged("extra_tensors")),
+    Case("gguf", "GGUF tensor whose data lies past the end of the file", K, _gguf_damaged("past_end")),
+    Case("gguf", "GGUF tensor of a type nothing can dequantize (Q1_0)", K, _gguf_damaged("undequantizable")),
+    Case("gguf", "GGUF of another architecture (qwen2)", K, _gguf_damaged("qwen2")),
+    Case("gguf", "GGUF without tokenizer metadata", T, _gguf_damaged("no_tokenizer")),
+    Case("gguf", "GGUF whose vocabulary is 'no_vocab' (weights only)", T, _gguf_damaged("no_vocab")),
+    Case("gguf", "a .gguf file that is not GGUF", K, not_a_gguf),
+    Case("gguf", "two GGUF files in the folder, none named", K, two_ggufs),
+    Case("gguf", "gguf_file not in the folder", K, lambda ws: load(ws.gguf().parent, gguf_file="other.gguf")),
+    Case("gguf", "offline copy of 'smollm2' with a wrong sha256", K, wrong_sha256),
     # tokenizer
     Case("tokenizer", "no tokenizer.model or tokenizer.json", T, _delete("tokenizer.model")),
     Case("tokenizer", "tokenizer.model corrupt", T, _write("tokenizer.model", b"\x00\x01garbage" * 10)),

@@ -27,6 +27,22 @@ def test_auto_device_and_dtype_rules():
     assert pick_dtype("bfloat16", cfg, torch.device("cpu")) == torch.bfloat16
 
 
+@pytest.mark.parametrize("stored, ram_gb, expected", [
+    ("float16", 64, torch.float32),   # 27 GB of float32 fits in half of 64 GB
+    ("float16", 16, torch.float16),   # a 16 GB laptop: the checkpoint's 16-bit type
+    ("bfloat16", 16, torch.bfloat16),
+    ("float32", 16, torch.float16),   # a float32 checkpoint too big: float16 halves it
+])
+def test_auto_dtype_on_the_cpu_fits_a_7b_model_in_memory(monkeypatch, stored, ram_gb, expected):
+    """dtype="auto" on the CPU: float32 unless the float32 weights exceed half of the RAM."""
+    from tracer import api
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, torch_dtype=stored)  # Llama-2-7B: 27 GB in float32
+    monkeypatch.setattr(api, "physical_memory", lambda: ram_gb * 10**9)
+    assert pick_dtype("auto", cfg, torch.device("cpu")) == expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(DeviceError, match="CUDA is not available"):

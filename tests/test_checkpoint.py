@@ -1,4 +1,5 @@
-"""tracer.checkpoint: resolution, the hand-read safetensors loader, export, bounded memory."""
+"""tracer.checkpoint and tracer.resolution: resolution, the hand-read safetensors loader, export,
+bounded memory."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import textwrap
 import torch
 
 import tracer
-from tracer import checkpoint
+from tracer import checkpoint, resolution
 from tracer.config import LlamaConfig
 from tracer.model import LlamaModel, init_weights
 
 
 def test_sharded_resolution_lists_shards_in_order(tiny_checkpoint):
-    r = checkpoint.resolve(tiny_checkpoint)
+    r = resolution.resolve(tiny_checkpoint)
     assert r.sharded and r.origin == "local"
     names = [p.name for p in r.weight_files]
     assert names == sorted(names) and len(names) >= 2
@@ -25,13 +26,13 @@ def test_sharded_resolution_lists_shards_in_order(tiny_checkpoint):
 
 def test_single_file_is_preferred_over_an_index(make_checkpoint, tmp_path):
     folder, _ = make_checkpoint(kv_heads=4)
-    assert checkpoint.resolve(folder).weight_files[0].name == "model.safetensors"
-    assert not checkpoint.resolve(folder).sharded
+    assert resolution.resolve(folder).weight_files[0].name == "model.safetensors"
+    assert not resolution.resolve(folder).sharded
 
 
 def test_load_events_report_each_shard(tiny_llm, tiny_checkpoint):
     shards = [e for e in tiny_llm.load_trace.events if e.stage == "load_shard"]
-    assert [e.file for e in shards] == [p.name for p in checkpoint.resolve(tiny_checkpoint).weight_files]
+    assert [e.file for e in shards] == [p.name for p in resolution.resolve(tiny_checkpoint).weight_files]
     assert sum(e.num_tensors for e in shards) == len(checkpoint.checkpoint_layout(tiny_llm.config))
     assert all(e.seconds >= 0 and e.bytes_read > 0 and e.device == "cpu" for e in shards)
 
@@ -53,11 +54,11 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
     model = LlamaModel(cfg)
     init_weights(model, torch.Generator().manual_seed(0))
     files = checkpoint.save_pretrained(model, tmp_path, dtype=torch.float32, max_shard_bytes=8000)
-    index = json.loads((tmp_path / checkpoint.INDEX_FILE).read_text())
+    index = json.loads((tmp_path / resolution.INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) >= 2 and "lm_head.weight" not in index["weight_map"]
     assert not list(tmp_path.glob(".saving-*")) and (tmp_path / "config.json") in files
     loaded = LlamaModel(cfg, device="meta").allocate("cpu")
-    list(checkpoint.load_weights(loaded, checkpoint.resolve(tmp_path)))
+    list(checkpoint.load_weights(loaded, resolution.resolve(tmp_path)))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -83,7 +84,8 @@ def test_host_memory_while_loading_stays_below_one_shard(tmp_path):
                     return int(line.split()[1]) * 1024
         import torch, safetensors, sentencepiece  # imports before the baseline
         base = rss()
-        from tracer.checkpoint import resolve, load_weights
+        from tracer.checkpoint import load_weights
+        from tracer.resolution import resolve
         from tracer.config import LlamaConfig
         from tracer.model import LlamaModel
         r = resolve({str(tmp_path)!r})
@@ -117,7 +119,7 @@ def test_same_dtype_cpu_load_maps_the_file_and_matches_a_copying_load(tmp_path):
     model = LlamaModel(cfg)
     init_weights(model, torch.Generator().manual_seed(0))
     checkpoint.save_pretrained(model, tmp_path, dtype=torch.float16, max_shard_bytes=12000)
-    resolved = checkpoint.resolve(tmp_path)
+    resolved = resolution.resolve(tmp_path)
 
     def build(map_files):
         m = LlamaModel(cfg, device="meta", dtype=torch.float16).allocate("cpu")
@@ -145,9 +147,9 @@ def test_a_same_dtype_cpu_load_maps_every_tensor_of_a_hub_ordered_file(tmp_path)
     init_weights(model, torch.Generator().manual_seed(0))
     checkpoint.save_pretrained(model, tmp_path, dtype=torch.float16)
     m = LlamaModel(cfg, device="meta", dtype=torch.float16).allocate("cpu")
-    (report,) = checkpoint.load_weights(m, checkpoint.resolve(tmp_path))
+    (report,) = checkpoint.load_weights(m, resolution.resolve(tmp_path))
     assert report.tensors_mapped == report.tensors == len(checkpoint.checkpoint_layout(cfg))
-    (weights,) = checkpoint.resolve(tmp_path).weight_files
+    (weights,) = resolution.resolve(tmp_path).weight_files
     assert all(p.untyped_storage().nbytes() == weights.stat().st_size for p in m.parameters())
 
 

@@ -21,7 +21,7 @@ from failure_modes import assert_inside, opened_paths
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer import checkpoint
+from tracer import checkpoint, resolution, safetensors_file
 from tracer.config import LlamaConfig
 from tracer.errors import TracerError
 from tracer.model import LlamaModel
@@ -39,7 +39,7 @@ _MODEL: list[LlamaModel] = []
 
 def load_into_model(folder: Path) -> None:
     """resolve + load_weights into a tiny model (one, reused); warnings (unexpected tensors) are fine."""
-    resolved = checkpoint.resolve(folder)
+    resolved = resolution.resolve(folder)
     if not _MODEL:
         _MODEL.append(LlamaModel(TINY, device="meta").allocate("cpu"))
     model = _MODEL[0]
@@ -117,7 +117,7 @@ def sharded_tiny(tmp_path_factory) -> Path:
     model = LlamaModel(TINY)
     folder = root / "model"
     checkpoint.save_pretrained(model, folder, dtype=torch.float32, max_shard_bytes=1500)
-    assert (folder / checkpoint.INDEX_FILE).is_file()
+    assert (folder / resolution.INDEX_FILE).is_file()
     shutil.copy(sorted(folder.glob("*.safetensors"))[0], root / "OUTSIDE.safetensors")
     (folder / "escape.safetensors").symlink_to(root / "OUTSIDE.safetensors")
     return folder
@@ -146,7 +146,7 @@ tensor_names = st.one_of(st.sampled_from(sorted(checkpoint.checkpoint_layout(TIN
     top=st.one_of(st.none(), values),
 )
 def test_fuzz_index(sharded_tiny, keep, edits, top):
-    index = sharded_tiny / checkpoint.INDEX_FILE
+    index = sharded_tiny / resolution.INDEX_FILE
     original = index.read_text()
     raw = json.loads(original)
     try:
@@ -176,7 +176,7 @@ def single_tiny(tmp_path_factory) -> tuple[Path, bytes]:
     folder = tmp_path_factory.mktemp("fuzz-bytes") / "model"
     torch.manual_seed(0)
     checkpoint.save_pretrained(LlamaModel(TINY), folder, dtype=torch.float16)
-    return folder, (folder / checkpoint.SINGLE_FILE).read_bytes()
+    return folder, (folder / resolution.SINGLE_FILE).read_bytes()
 
 
 byte_edit = st.one_of(
@@ -215,12 +215,12 @@ def mutate(data: bytes, edits, header_len: int) -> bytes:
 @given(edits=st.lists(byte_edit, min_size=1, max_size=4))
 def test_fuzz_safetensors_bytes(single_tiny, edits):
     folder, data = single_tiny
-    shard = folder / checkpoint.SINGLE_FILE
+    shard = folder / resolution.SINGLE_FILE
     shard.write_bytes(mutate(data, edits, int.from_bytes(data[:8], "little")))
     try:
         with opened_paths() as seen:
             try:
-                checkpoint.read_header(shard)
+                safetensors_file.read_header(shard)
             except TracerError:
                 pass
             try:

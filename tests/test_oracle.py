@@ -71,13 +71,15 @@ def hf_tokenizer(tiny_checkpoint):
 @pytest.mark.parametrize("text", TEXTS)
 def test_token_ids_match_transformers(tiny_llm, hf_tokenizer, text):
     expected = hf_tokenizer(text)["input_ids"]
-    assert tiny_llm.tokenizer.encode(text, parse_special=True) == expected
-    assert tiny_llm.tokenizer.decode(expected) == hf_tokenizer.decode(expected, skip_special_tokens=True)
+    assert tiny_llm.tokenizer.encode(text) == expected  # special-token strings parsed, as transformers
+    for skip in (True, False):
+        assert tiny_llm.tokenizer.decode(expected, skip) == hf_tokenizer.decode(expected, skip_special_tokens=skip)
 
 
-def test_plain_encode_matches_transformers_without_special_parsing(tiny_llm, hf_tokenizer):
-    for text in TEXTS[:7]:  # texts without special-token strings
-        assert tiny_llm.tokenizer.encode(text) == hf_tokenizer(text)["input_ids"]
+def test_encode_without_special_parsing_matches_split_special_tokens(tiny_llm, hf_tokenizer):
+    for text in TEXTS:
+        expected = hf_tokenizer(text, split_special_tokens=True)["input_ids"]
+        assert tiny_llm.tokenizer.encode(text, parse_special=False) == expected, text
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -180,8 +182,9 @@ def test_tokenizer_json_backend_matches_transformers(tmp_path, sp_tokenizer_dir)
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS:
         expected = ref(text)["input_ids"]
-        assert tok.encode(text, parse_special=True) == expected, text
-        assert tok.decode(expected) == ref.decode(expected, skip_special_tokens=True)
+        assert tok.encode(text) == expected, text
+        for skip in (True, False):
+            assert tok.decode(expected, skip) == ref.decode(expected, skip_special_tokens=skip)
 
 
 def test_config_styles_parse_to_the_same_config(make_checkpoint):
@@ -200,7 +203,7 @@ def test_embedded_model_agrees_with_transformers():
     ours = tracer.load(device="cpu", dtype="float32", progress=False)
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     for text in TEXTS + ["It is a truth universally acknowledged", "  two leading spaces"]:
-        assert ours.tokenizer.encode(text, parse_special=True) == hf_tok(text)["input_ids"], text
+        assert ours.tokenizer.encode(text) == hf_tok(text)["input_ids"], text
     theirs = hf_model(folder)
     ids = ours.tokenizer.encode("It is a truth universally acknowledged, that a single man in possession")
     with torch.no_grad():

@@ -4,12 +4,15 @@
     llm = tracer.load()                      # the small Llama shipped in the package
     gen = llm.generate("It is a truth universally", max_new_tokens=20, do_sample=True, seed=0)
     gen.text, gen.trace.stages               # the continuation, and every recorded stage
+    chat = tracer.load("smollm2")            # a real chat model, offline (tracer.catalog)
+    chat.generate("What is the capital of France?", chat=True).text
 
-The modules read like the walkthrough: config -> checkpoint -> model -> tokenizer -> generate ->
-sampling, with ``trace`` as the thread through them and ``viz`` on top.
+The modules read like the walkthrough: config -> resolution -> checkpoint (with one reader per
+weight format: safetensors_file, gguf_file) -> model -> tokenizer -> generate -> sampling, with
+``trace`` as the thread through them and ``viz`` on top.
 """
 
-from . import errors, hooks, sampling
+from . import catalog, errors, hooks, sampling
 from .api import Generation, Llama, embedded_path, load
 from .errors import TracerError
 from .trace import STAGES, Trace
@@ -20,6 +23,7 @@ __all__ = [
     "STAGES",
     "Trace",
     "TracerError",
+    "catalog",
     "embedded_path",
     "errors",
     "hooks",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,13 +17,15 @@ from pathlib import Path
 import torch
 
 from . import sampling
-from .checkpoint import ResolvedCheckpoint, load_weights, resolve
+from .checkpoint import checkpoint_layout, load_weights, read_config
 from .config import GenerationDefaults, LlamaConfig, dtype_bytes
 from .errors import DeviceError, GenerationError, TokenizerError
 from .generate import CaptureOptions, Decoder
+from .gguf_tokenizer import load_gguf_tokenizer
 from .hooks import point_shapes
 from .model import LlamaModel
-from .tokenizer import Tokenizer, load_tokenizer
+from .resolution import ResolvedCheckpoint, resolve
+from .tokenizer import Encoding, Tokenizer, load_tokenizer
 from .trace import (
     ConfigEvent,
     DetokenizeEvent,
@@ -63,16 +66,27 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str | torch.dtype, cfg: LlamaConfig, device: torch.device) -> torch.dtype:
-    """'auto' -> the checkpoint's dtype on CUDA, float32 on the CPU (fp16 matmuls are slow there
-    for training-sized work, and float32 is what a CPU reference computes in)."""
+    """The runtime dtype. 'auto' on CUDA is the checkpoint's dtype (a GGUF: its 16-bit type); on
+    the CPU it is float32 (what a CPU reference computes in), unless the float32 weights would take
+    more than half of the machine's memory: then the checkpoint's 16-bit type, so that a 7B model
+    (27 GB in float32, 13.5 GB in float16) still loads on a 16 GB laptop."""
     if dtype == "auto":
-        if device.type == "cuda":
-            return DTYPES.get(cfg.torch_dtype, torch.float32)
-        return torch.float32
+        stored = DTYPES.get(cfg.torch_dtype, torch.float32)
+        if device.type == "cuda" or cfg.memory_bytes("float32") <= physical_memory() // 2:
+            return stored if device.type == "cuda" else torch.float32
+        return stored if stored != torch.float32 else torch.float16
     name = str(dtype).replace("torch.", "")
     if name not in DTYPES:
         raise DeviceError(f"dtype {dtype!r} is not supported; use 'auto', 'float32', 'float16' or 'bfloat16'")
     return DTYPES[name]
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (a large default where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
 def check_fits(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype) -> None:
@@ -122,18 +136,31 @@ class Llama:
         self.fast_step = None  # set by load(compile=True): a compiled LlamaModel.step
 
     def compile_step(self) -> Llama:
-        """Make decode steps with capture="off" run a torch.compile'd :meth:`LlamaModel.step`.
+        """Make decode steps with capture="off" run a compiled step (:class:`tracer.fast.CompiledStep`).
 
-        Static shapes, fused kernels. The first step compiles (seconds to minutes on a small CPU);
-        the Decoder rounds cache sizes up to multiples of 256 slots, so only a generation reaching
-        a new multiple compiles again. Prefill, traced runs and hooks keep the eager model.
+        Regional compilation: the blocks are compiled as one graph spanning a run of a few
+        consecutive layers (5 of SmolLM2's 30), and that graph serves every run, since parameters
+        are graph inputs and each layer passes in its own KV cache tensors. The first step so
+        compiles in seconds however deep the model is; the embedding, final norm and lm_head stay
+        eager around it. Static shapes: the Decoder rounds cache sizes up to multiples of 256
+        slots, so only a generation reaching a new multiple compiles again. Prefill, traced runs
+        and hooks keep the eager model.
 
-        Guards on the model's modules are skipped (they cost a third of a small model's step): the
-        graph reads the weights at each call, so in-place edits show, but a hook attached to a
-        point is seen only because the Decoder then takes the eager model.
+        Trace meta: ``"step"`` says which path decode steps take ("compiled-block" here; "eager"
+        without compile, and in every traced run). ``"compile_seconds"`` is the wall time of the
+        steps that compiled (the compile and that one step): in the meta of the generation that
+        paid it, and the first (cold) one in ``load_trace.meta`` from then on.
+
+        Guards on the model's modules are skipped (checked at every call they would cost more than
+        fusing saves): the graph reads the weights at each call, so in-place edits show, but a hook
+        attached to a point is seen only because the Decoder then takes the eager model.
         """
-        skip = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.fast_step = torch.compile(self.model.step, dynamic=False, options=skip)
+        # Imported here: tracer.fast imports torch._dynamo, seconds that only compile=True should pay.
+        from .fast import CompiledStep
+
+        meta = self.load_trace.meta
+        meta["step"] = CompiledStep.kind
+        self.fast_step = CompiledStep(self.model, on_compile=lambda seconds: meta.setdefault("compile_seconds", seconds))
         return self
 
     @property
@@ -184,8 +211,17 @@ class Llama:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return sampling.SamplingSettings(**values), d.max_new_tokens
 
-    def encode_prompt(self, prompt, *, chat: bool = False, system: str | None = None):
-        """Prompt text (or ids) -> (ids, text shown, template used) for the ``tokenize`` event."""
+    def encode_prompt(self, prompt, *, chat: bool = False, system: str | None = None) -> Encoding:
+        """Prompt text (or ids) -> the :class:`~tracer.tokenizer.Encoding` the ``tokenize`` event shows.
+
+        Text is tokenized as transformers' ``tokenizer(text)`` (BOS/EOS as the checkpoint's
+        tokenizer adds them). ``chat=True`` makes the text one user turn (after ``system``, if
+        given) in the checkpoint's own chat template, ready for the answer
+        (:meth:`Tokenizer.chat`: transformers' ``apply_chat_template(..., add_generation_prompt=True)``,
+        or Llama 2's [INST] format for a Llama 2 vocabulary without a template). Ids are used as given.
+        """
+        if system is not None and not chat:
+            raise GenerationError("system= is a chat message: pass chat=True with it")
         if isinstance(prompt, str):
             if not prompt:
                 raise GenerationError("the prompt is empty: give some text, or a list of token ids")
@@ -193,11 +229,13 @@ class Llama:
                 messages = ([{"role": "system", "content": system}] if system else []) + [
                     {"role": "user", "content": prompt}
                 ]
-                ids = self.tokenizer.llama2_chat(messages)
-                return ids, self.tokenizer.decode(ids, skip_special_tokens=False), "llama2-chat"
-            return self.tokenizer.encode(prompt, add_bos=True), prompt, None
+                return self.tokenizer.chat(messages)
+            return self.tokenizer.tokenize(prompt)
+        if chat:
+            raise GenerationError("chat=True needs the prompt as text (ids are used as given)")
         ids = [int(i) for i in prompt]
-        return ids, self.tokenizer.decode(ids, skip_special_tokens=False), None
+        return Encoding(self.tokenizer.decode(ids, skip_special_tokens=False), ids, self.tokenizer.pieces(ids),
+                        added_bos=False)
 
     def decoder(
         self,
@@ -231,11 +269,12 @@ class Llama:
         # What computes this run's products (set_matvec may have changed it since the load).
         trace.meta = {**trace.meta, "matvec": "kernel" if self.model.use_kernel else "torch"}
         t0, started = time.perf_counter(), time.time()
-        ids, text, template = self.encode_prompt(prompt, chat=chat, system=system)
+        enc = self.encode_prompt(prompt, chat=chat, system=system)
+        ids = enc.ids
         if capture != "off":
             trace.add(TokenizeEvent(
-                time=started, seconds=time.perf_counter() - t0, text=text, template=template,
-                ids=ids, pieces=self.tokenizer.pieces(ids), added_bos=bool(ids) and ids[0] == self.tokenizer.bos_id,
+                time=started, seconds=time.perf_counter() - t0, text=enc.text, template=enc.template,
+                ids=ids, pieces=enc.pieces, added_bos=enc.added_bos, added_eos=enc.added_eos,
             ))
         return Decoder(
             self.model, ids, settings, max_new_tokens=max_new, eos_ids=self.defaults.eos_token_ids,
@@ -285,11 +324,14 @@ def load(
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
     token: str | bool | None = None,
+    gguf_file: str | None = None,
     progress: bool = True,
     compile: bool = False,
     matvec: str = "auto",
 ) -> Llama:
-    """Load a Llama checkpoint (a folder or hub repo id; None = the embedded default model).
+    """Load a Llama checkpoint: None (the embedded default model), a short name from
+    ``tracer.catalog`` ("smollm2": a real chat model, offline), a folder, a ``.gguf`` file, or a
+    hub repo id (``gguf_file=`` picks one GGUF in a folder or repo that holds several).
 
     The model is built on the meta device (no memory), allocated once on the target device in
     the target dtype, then filled shard by shard, tensor by tensor (on the CPU, weights stored in
@@ -303,12 +345,13 @@ def load(
     trace = Trace()
     dev = pick_device(device)
     t0, started = time.perf_counter(), time.time()
-    resolved = resolve(embedded_path() if source is None else source, revision=revision, token=token)
+    resolved = resolve(embedded_path() if source is None else source, revision=revision, token=token,
+                       gguf_file=gguf_file)
     trace.add(ResolveEvent(time=started, seconds=time.perf_counter() - t0, memory=memory_snapshot(dev),
                            **resolved.summary()))
 
     t0, started = time.perf_counter(), time.time()
-    cfg = LlamaConfig.from_file(resolved.config_file)
+    cfg = read_config(resolved)
     torch_dtype = pick_dtype(dtype, cfg, dev)
     dname = str(torch_dtype).replace("torch.", "")
     # Events are listed in walkthrough order (config first), though resolution found the file.
@@ -321,43 +364,67 @@ def load(
         e.seq = i
     check_fits(cfg, dev, torch_dtype)
 
+    # The tokenizer first: a checkpoint without a usable one fails before any weight is read.
+    tokenizer = _tokenizer(resolved, cfg)
     # Construct without allocating (meta), then allocate uninitialised storage on the device.
     model = LlamaModel(cfg, device="meta", dtype=torch_dtype).allocate(dev)
     model.eval()
     products = model.set_matvec(matvec)  # before the weights: an impossible choice fails fast
-    bar = _progress(len(resolved.weight_files), progress)
-    for report in load_weights(model, resolved):
-        trace.add(LoadShardEvent(
-            time=time.time() - report.seconds, seconds=report.seconds, memory=memory_snapshot(dev),
-            file=report.file, index=report.index, count=report.count,
-            bytes_on_disk=report.bytes_on_disk, num_tensors=report.tensors,
-            bytes_read=report.bytes_read, bytes_in_memory=report.bytes_in_memory,
-            casts=report.casts, device=report.device, dtype=report.dtype, unexpected=report.unexpected,
-            tensors_mapped=report.tensors_mapped,
-        ))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-
-    tokenizer = load_tokenizer(resolved.folder, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise TokenizerError(
-            f"{resolved.folder}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding "
-            f"table has only {cfg.vocab_size} rows (config.json vocab_size): they do not belong together"
-        )
+    with _progress(resolved, cfg, progress) as tick:
+        for report in load_weights(model, resolved, on_tensor=tick):
+            trace.add(LoadShardEvent(
+                time=time.time() - report.seconds, seconds=report.seconds, memory=memory_snapshot(dev),
+                file=report.file, index=report.index, count=report.count,
+                bytes_on_disk=report.bytes_on_disk, num_tensors=report.tensors,
+                bytes_read=report.bytes_read, bytes_in_memory=report.bytes_in_memory,
+                casts=report.casts, device=report.device, dtype=report.dtype, unexpected=report.unexpected,
+                tensors_mapped=report.tensors_mapped, format=report.format, by_type=report.by_type,
+            ))
     defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
     trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname,
-                      matvec=products)
+                      matvec=products, format=resolved.format)
     llm = Llama(model, tokenizer, defaults, resolved, trace)
     if compile:
         llm.compile_step()
+    else:
+        trace.meta["step"] = "eager"  # compile_step() says "compiled-block"
     return llm
 
 
-def _progress(total: int, enabled: bool):
+def _tokenizer(resolved: ResolvedCheckpoint, cfg: LlamaConfig) -> Tokenizer:
+    """The checkpoint's tokenizer (its folder's files, or the GGUF's metadata), checked against
+    the embedding table it must index."""
+    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+    if resolved.format == "gguf":
+        tokenizer = load_gguf_tokenizer(resolved.weight_files[0], bos_id=cfg.bos_token_id, eos_id=eos)
+    else:
+        tokenizer = load_tokenizer(resolved.folder, bos_id=cfg.bos_token_id, eos_id=eos)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise TokenizerError(
+            f"{resolved.source}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding "
+            f"table has only {cfg.vocab_size} rows (vocab_size): they do not belong together"
+        )
+    return tokenizer
+
+
+@contextmanager
+def _progress(resolved: ResolvedCheckpoint, cfg: LlamaConfig, enabled: bool):
+    """A tqdm bar over the load, as transformers shows one: per shard for safetensors, per tensor
+    for a GGUF (one file, whose tensors are dequantized one by one). Yields the per-tensor tick."""
     if not enabled:
-        return None
+        yield None
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="Loading checkpoint shards", unit="shard")
+    if resolved.format == "gguf":
+        bar = tqdm(total=len(checkpoint_layout(cfg)), desc="Dequantizing GGUF tensors", unit="tensor")
+        tick = bar.update
+    else:
+        bar = tqdm(total=len(resolved.weight_files), desc="Loading checkpoint shards", unit="shard")
+        tick = None
+    try:
+        yield tick
+        if tick is None:
+            bar.update(bar.total - bar.n)
+    finally:
+        bar.close()

@@ -26,7 +26,10 @@ WALKTHROUGH_SYSTEM = "You are a helpful, respectful and honest assistant."
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="folder or hub repo id (default: the embedded model)")
+    p.add_argument("--model", default=None,
+                   help="'smollm2' (a real chat model, offline), a folder, a .gguf file or a hub repo id "
+                        "(default: the small embedded model)")
+    p.add_argument("--gguf-file", default=None, help="which GGUF file of a folder or hub repo holding several")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -37,8 +40,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Llama 2 chat format")
-    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--chat", action="store_true",
+                   help="make the prompt a user turn in the model's own chat template (as transformers' "
+                        "apply_chat_template with add_generation_prompt); Llama 2's [INST] format for a "
+                        "Llama 2 vocabulary without a template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
     p.add_argument("--sample", action="store_true", help="sampling (do_sample=True)")
@@ -99,19 +105,20 @@ def _load(args):
     from .api import load
 
     return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                token=args.token, progress=sys.stderr.isatty(), compile=getattr(args, "compile", False),
-                matvec=args.matvec)
+                token=args.token, gguf_file=args.gguf_file, progress=sys.stderr.isatty(),
+                compile=getattr(args, "compile", False), matvec=args.matvec)
 
 
 def run(args) -> int:
     """Execute a parsed command; returns the exit status."""
     if args.command == "info":
         from .api import embedded_path
-        from .checkpoint import resolve
-        from .config import LlamaConfig
+        from .checkpoint import read_config
+        from .resolution import resolve
 
-        resolved = resolve(args.model or embedded_path(), revision=args.revision, token=args.token)
-        cfg = LlamaConfig.from_file(resolved.config_file)
+        resolved = resolve(args.model or embedded_path(), revision=args.revision, token=args.token,
+                           gguf_file=args.gguf_file)
+        cfg = read_config(resolved)
         print(json.dumps({"resolve": resolved.summary(), "config": cfg.summary(),
                           "memory": cfg.memory_table()}, indent=2, default=str))
         return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from .trace import (
     SampleEvent,
     Trace,
 )
+
+if TYPE_CHECKING:  # tracer.fast imports torch._dynamo (and sympy): seconds, paid only by compile=True
+    from .fast import CompiledStep
 
 DEFAULT_BUDGET_BYTES = 512 * 1024**2  # full capture: refuse beyond this unless raised
 CACHE_BUCKET = 256  # KV cache sizes for a compiled step: multiples of this (one graph per size)
@@ -86,7 +90,7 @@ class Decoder:
         capture: CaptureOptions | None = None,
         trace: Trace | None = None,
         piece=lambda i: str(i),
-        fast_step=None,
+        fast_step: CompiledStep | None = None,
     ) -> None:
         cfg = model.config
         if not prompt_ids:
@@ -112,9 +116,14 @@ class Decoder:
         self.capture = capture or CaptureOptions()
         self.trace = trace if trace is not None else Trace()
         self.piece = piece
-        # capture="off" may run a compiled decode step (LlamaModel.step: same math, static shapes,
-        # fused kernels); prefill and traced runs stay eager.
+        # capture="off" may run a compiled decode step (tracer.fast.CompiledStep: LlamaModel.step's
+        # math, static shapes, fused kernels); prefill and traced runs stay eager. The trace's
+        # meta says which path the decode steps take ("step") and, if this generation compiled,
+        # how long that took ("compile_seconds", not one copied from the load trace).
         self.fast_step = fast_step
+        fast = fast_step is not None and self.capture.policy == "off"
+        self.trace.meta["step"] = fast_step.kind if fast else "eager"
+        self.trace.meta.pop("compile_seconds", None)
         self.history: list[StepRecord] = []
         self.finish_reason: str | None = None
         self.seed = seed
@@ -179,12 +188,7 @@ class Decoder:
             # Hooks run only in the eager model; a compiled graph would skip a hook attached later.
             if first or self.fast_step is None or self.model.hooks.any_active:
                 return self.model(x, self.cache, last_only=True)[0, -1]  # checked in _sample
-            start = self.cache.length
-            position = torch.tensor([start], device=self.model.device)
-            token = self._id_buf[end - 1 : end].view(1, 1)  # strides (1, 1) whatever the buffer's length
-            logits = self.fast_step(token, position, self.cache)[0]
-            self.cache.length = start + 1
-            return logits
+            return self._fast_forward(end)
         started, t0 = time.time(), time.perf_counter()
         start = self.cache.length
         if policy == "light" and not self.capture.lens:
@@ -212,6 +216,20 @@ class Decoder:
         # finiteness is checked there too, in the same host copy.
         self.trace.add(event)
         return logits.float()
+
+    def _fast_forward(self, end: int) -> torch.Tensor:
+        """One decode step on the compiled step. The first with a cache of a new size compiles:
+        the seconds that took (``fast_step.compile_seconds``) go into this generation's trace meta."""
+        start = self.cache.length
+        position = torch.tensor([start], device=self.model.device)
+        token = self._id_buf[end - 1 : end].view(1, 1)  # strides (1, 1) whatever the buffer's length
+        compiled = self.fast_step.compile_seconds
+        before = len(compiled)
+        logits = self.fast_step(token, position, self.cache)[0]
+        if len(compiled) != before:
+            self.trace.meta["compile_seconds"] = self.trace.meta.get("compile_seconds", 0.0) + sum(compiled[before:])
+        self.cache.length = start + 1
+        return logits
 
     def _sample(self, logits: torch.Tensor, force_id: int | None) -> StepRecord:
         step = len(self.new_ids)

@@ -50,6 +50,10 @@ def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> torch.Tensor:
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
         inv_freq = _llama3_scale(inv_freq, rope)
+    if rope.freq_factors is not None:
+        # A GGUF's rope_freqs tensor (Llama 3.1's scaling as llama.cpp stores it): one divisor per
+        # frequency, applied as llama.cpp applies it.
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
     return inv_freq
 
 
@@ -94,6 +98,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # KV cache
 
 
+def write_kv(
+    keys: torch.Tensor, values: torch.Tensor, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write new ``k``/``v`` [B, Hkv, T, hd] into one layer's ``keys``/``values`` at ``start``;
+    return views of every key and value so far.
+
+    A tensor ``start`` (one position, :meth:`LlamaModel.step`) writes there and returns every
+    slot [B, Hkv, max_len, hd], so that the shapes do not depend on the position.
+    """
+    if isinstance(start, torch.Tensor):
+        keys.index_copy_(2, start, k)
+        values.index_copy_(2, start, v)
+        return keys, values
+    end = start + k.shape[2]
+    keys[:, :, start:end] = k
+    values[:, :, start:end] = v
+    return keys[:, :, :end], values[:, :, :end]
+
+
 class KVCache:
     """Preallocated keys and values, one [B, Hkv, max_len, hd] tensor per layer for each.
 
@@ -127,23 +150,15 @@ class KVCache:
         """Every layer's values stacked, [L, B, Hkv, max_len, hd] (a copy, for inspection)."""
         return torch.stack(self.values)
 
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s (keys, values), each [B, Hkv, max_len, hd]: what its attention writes and reads."""
+        return self.keys[i], self.values[i]
+
     def update(
         self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new ``k``/``v`` [B, Hkv, T, hd] at ``start``; return views of all keys so far.
-
-        A tensor ``start`` (one position, :meth:`LlamaModel.step`) writes there and returns every
-        slot [B, Hkv, max_len, hd], so that the shapes do not depend on the position.
-        """
-        keys, values = self.keys[layer], self.values[layer]
-        if isinstance(start, torch.Tensor):
-            keys.index_copy_(2, start, k)
-            values.index_copy_(2, start, v)
-            return keys, values
-        end = start + k.shape[2]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        """Write new ``k``/``v`` [B, Hkv, T, hd] of ``layer`` at ``start`` (see :func:`write_kv`)."""
+        return write_kv(*self.layer(layer), start, k, v)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= ``length`` (used to branch from an earlier step)."""
@@ -268,8 +283,14 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         start: int | torch.Tensor,
-        cache: KVCache | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
+        """Attention output [B, T, D] for ``x`` [B, T, D] at positions from ``start``.
+
+        ``kv`` is this layer's cache (:meth:`KVCache.layer`), or None for no cache. The layer gets
+        its own tensors rather than the whole cache and its index, so that nothing in here depends
+        on which layer it is: one compiled graph then serves every layer (``tracer/fast.py``).
+        """
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = stacked_linear(x, (self.wq, self.wk, self.wv), use_kernel=self.use_kernel)  # [B, T, q + 2 kv]
@@ -284,8 +305,8 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # [B, H, T, hd]
         k = k.transpose(1, 2)  # [B, Hkv, T, hd]
         v = v.transpose(1, 2)  # [B, Hkv, T, hd]
-        if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)  # [B, Hkv, S, hd], S = start + T
+        if kv is not None:
+            k, v = write_kv(*kv, start, k, v)  # [B, Hkv, S, hd], S = start + T
         n_rep = H // Hkv
         # With a tensor position (LlamaModel.step) k/v are every cache slot: hide the slots after
         # this token. A hidden key gets weight exactly 0, so the result is the same.
@@ -365,8 +386,9 @@ class Block(nn.Module):
             self.hook_resid_mid, self.hook_ln2, m.hook_act, m.hook_out, self.hook_resid_post,
         ]
 
-    def forward(self, x, cos, sin, start, cache):
-        h = x + self.attn(self.hook_ln1(self.ln1(x)), cos, sin, start, cache)
+    def forward(self, x, cos, sin, start, kv):
+        """This layer's output [B, T, D]; ``kv`` is its (keys, values) cache or None (see Attention)."""
+        h = x + self.attn(self.hook_ln1(self.ln1(x)), cos, sin, start, kv)
         h = self.hook_resid_mid(h)
         out = h + self.mlp(self.hook_ln2(self.ln2(h)))
         return self.hook_resid_post(out)
@@ -480,8 +502,8 @@ class LlamaModel(nn.Module):
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # [1, T, 1, hd], for every layer
 
         h = self.hook_embed(self.embed(input_ids))  # [B, T, D]
-        for block in self.blocks:
-            h = block(h, cos, sin, start, cache)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, start, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.length = start + T
         if last_only:
@@ -502,8 +524,8 @@ class LlamaModel(nn.Module):
         cos = cache.cos.index_select(0, position)[None, :, None, :]  # [1, 1, 1, hd]
         sin = cache.sin.index_select(0, position)[None, :, None, :]
         h = self.hook_embed(self.embed(token))  # [B, 1, D]
-        for block in self.blocks:
-            h = block(h, cos, sin, position, cache)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, position, cache.layer(i))
         h = self.hook_final_norm(self.final_norm(h))
         return self.hook_logits(self._lm_head(h))[:, -1]  # [B, V]
 

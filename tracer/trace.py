@@ -134,6 +134,8 @@ class ResolveEvent(Event):
     source: str = ""
     folder: str = ""
     origin: str = ""
+    format: str = "safetensors"  # or "gguf"
+    note: str | None = None  # why this source was chosen (a named model: hub cache or offline copy)
     repo_id: str | None = None
     revision: str | None = None
     sharded: bool = False
@@ -161,11 +163,20 @@ class LoadShardEvent(Event):
     dtype: str = ""
     unexpected: list[str] = field(default_factory=list)
     tensors_mapped: int = 0  # of num_tensors: views of the memory-mapped file (CPU, same dtype)
+    format: str = "safetensors"  # or "gguf"
+    # Per stored type ("float16", "Q4_1"...): tensors, bytes_on_disk, bytes_in_memory, seconds.
+    by_type: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
 class TokenizeEvent(Event):
-    """Text (after any template) to pieces and ids."""
+    """Text (after any chat template) to pieces and ids.
+
+    ``template``: None for plain text; for a chat, where the checkpoint's template came from
+    ("tokenizer_config.json", "chat_template.jinja", "GGUF metadata") or "llama2-chat" (Llama 2's
+    [INST] format, built at the token level). ``added_bos``/``added_eos``: the tokenizer (or the
+    template) put a BOS first / an EOS last; False for ids given by the caller.
+    """
 
     stage: ClassVar[str] = "tokenize"
     text: str = ""
@@ -173,6 +184,7 @@ class TokenizeEvent(Event):
     ids: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     added_bos: bool = False
+    added_eos: bool = False
 
 
 @dataclass
