@@ -42,6 +42,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from playwright.sync_api import Browser, Locator, Page
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+# The lessons in their reading order (README's layout lists them too). Tests run exactly these: a
+# renamed or missing notebook fails them instead of being skipped.
+READING_ORDER = (
+    "01_loading.ipynb",
+    "02_walkthrough.ipynb",
+    "03_tokenizer.ipynb",
+    "04_prefill_and_attention.ipynb",
+    "05_step_by_step.ipynb",
+    "06_trace_explorer.ipynb",
+)
 ARTIFACTS = Path(os.environ.get("TRACER_ARTIFACTS", REPO_ROOT / "artifacts"))
 CHROMIUM = Path(os.environ.get("TRACER_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [

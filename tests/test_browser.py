@@ -16,11 +16,11 @@ import pytest
 pytestmark = pytest.mark.browser
 
 NOTEBOOKS = browser.REPO_ROOT / "notebooks"
-STEP_NB = NOTEBOOKS / "04_step_by_step.ipynb"
-ATTENTION_NB = NOTEBOOKS / "03_prefill_and_attention.ipynb"
+STEP_NB = NOTEBOOKS / "05_step_by_step.ipynb"
+ATTENTION_NB = NOTEBOOKS / "04_prefill_and_attention.ipynb"
 PNG_SRC = "data:image/png;base64,"
 
-# A minimal stand-in for 04_step_by_step: same CSS classes, same interaction.
+# A minimal stand-in for 05_step_by_step: same CSS classes, same interaction.
 TINY_STEPPER = """\
 import ipywidgets as W
 import matplotlib.pyplot as plt

@@ -7,22 +7,16 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser import NOTEBOOK_DIR, READING_ORDER
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+NOTEBOOKS = [NOTEBOOK_DIR / name for name in READING_ORDER]
 CELL_TIMEOUT = 600
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-if NOTEBOOKS:
-    PARAMS = [pytest.param(p, id=p.name) for p in NOTEBOOKS]
-else:
-    PARAMS = [
-        pytest.param(
-            None,
-            id="no-notebooks",
-            marks=pytest.mark.skip(reason=f"no notebooks in {NOTEBOOK_DIR.name}/ yet"),
-        )
-    ]
+
+def test_the_notebook_folder_holds_exactly_the_lessons():
+    """A new, renamed or missing notebook must be added to READING_ORDER (and so to the tests)."""
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(READING_ORDER)
 
 
 def output_problems(nb) -> list[str]:
@@ -41,7 +35,7 @@ def output_problems(nb) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", PARAMS)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=READING_ORDER)
 def test_notebook_runs_headless(path: Path, jupyter_isolated):
     from nbclient import NotebookClient
 
@@ -58,7 +52,7 @@ def test_notebook_runs_headless(path: Path, jupyter_isolated):
     assert not problems, f"{path.name}:\n" + "\n\n".join(problems)
 
 
-@pytest.mark.parametrize("path", PARAMS)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=READING_ORDER)
 def test_notebook_shipped_without_outputs(path: Path):
     nb = nbformat.read(path, as_version=4)
     dirty = [

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 import tracer
 from tracer.config import LlamaConfig
 from tracer.viz import TraceExplorer, patterns_of, plots, tables
-from tracer.viz.explorers import AttentionExplorer
+from tracer.viz.attention import AttentionExplorer
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -155,6 +155,7 @@ def test_tensor_plots_and_trace_explorer(llm, recorded, tmp_path):
 def test_labels_make_pieces_printable():
     assert plots.label("▁the") == "▁the"
     assert plots.label("🦙") == "U+1F999"
-    assert plots.label("a\nb") == "a\\nb"
+    assert plots.label("a\nb") == "a⏎b"  # the one token renderer (tracer.viz.tokens): a visible sign
+    assert plots.label("<0x0A>") == "⏎" and plots.label("Ċ", byte_level=True) == "⏎"
     assert plots.label("$x$") == r"\$x\$"
     assert plots.label("x" * 30, 10).endswith("…")

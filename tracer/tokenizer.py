@@ -174,6 +174,13 @@ class Tokenizer:
         return Encoding(self.decode(ids, skip_special_tokens=False), ids, self.pieces(ids),
                         added_bos=ids[:1] == [self.bos_id], template=LLAMA2_CHAT)
 
+    @cached_property
+    def byte_level(self) -> bool:
+        """Whether the vocabulary spells bytes as letters (byte-level BPE: a space is ``Ġ``, a
+        newline ``Ċ``), as GPT-2, Llama 3 and SmolLM2 do; what renderers need to show pieces."""
+        first = self.pieces(self._encode_body(" a", parse_special=False))[:1]
+        return bool(first) and first[0].startswith("Ġ")
+
     def is_llama2_style(self) -> bool:
         """Whether Llama 2's ``[INST]`` format fits: BOS/EOS are the pieces ``<s>``/``</s>`` and a
         space is written ``▁`` (a sentencepiece vocabulary, whichever backend reads it)."""

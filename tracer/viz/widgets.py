@@ -1,4 +1,4 @@
-"""The stepping app of notebook 04: one token per click, every sampling stage shown, branches.
+"""The stepping app of notebook 05: one token per click, every sampling stage shown, branches.
 
 :class:`StepperApp` drives a :class:`tracer.generate.Decoder`; all state lives on the app (the
 decoders, the last error), so tests drive it in-process with ``button.click()`` and ``.value = ...``.
