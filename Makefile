@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 test: setup
-	$(VENV)/bin/ruff check tracer tests benchmarks examples
+	$(VENV)/bin/ruff check tracer tests benchmarks examples tools
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED - pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc

@@ -3,11 +3,11 @@
     python -m benchmarks.decode_attention [--model llama-1b] [--slots 256 2048 8192] [--repeats 40]
                                           [--out results.json]
 
-The compiled decode step (``LlamaModel.step``) has fixed shapes: its KV cache is a bucket of
+The compiled decode step (``tracer.fast.StaticStep``) has fixed shapes: its KV cache is a bucket of
 256-slot multiples, and attention spans the whole bucket with the unwritten slots masked. On the
 CPU the step can run that attention on ``tracer/kernels/attend.c`` instead, which reads only the
 slots written so far. For each cache size this builds two compiled steps of the same model, one
-per attention (``Attention.use_kernel``), and times them in alternation, step by step, at
+per attention (``tracer.attend.masked``, ``tracer.attend.OnKernel``), and times them in alternation, step by step, at
 positions in the bucket's second half (a generation that has filled half of its bucket or more).
 Reported: median ms per step of each, their ratio, and the median of the per-pair differences
 (the pair's steps are milliseconds apart, so drift in machine speed cancels).
@@ -24,17 +24,11 @@ import time
 import torch
 
 import tracer
-from tracer.model import Attention
-from tracer.train_tiny.pipeline import cpu_model
+from tracer import attend, fast, kernels
+from tracer.fast import StaticStep
 
+from .machine import cpu_model
 from .speed import DTYPES, cpu_simd, log, model_folder, write_results
-
-
-def _use_kernel_attention(model, on: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention):
-            # Whatever the cache size (the model's own threshold, attend.MIN_KEYS, comes from here).
-            m.use_kernel, m.kernel_min_keys = on, 0
 
 
 def measure(model, slots: int, repeats: int) -> dict:
@@ -43,13 +37,14 @@ def measure(model, slots: int, repeats: int) -> dict:
     cache = model.new_cache(slots)
     token = torch.tensor([[5]])
     positions = [slots // 2 + i * (slots // 2) // repeats for i in range(repeats)]
-    # Two lambda expressions: two code objects, so two compiled graphs. (Guards on the modules
-    # are skipped, as in Llama.compile_step, so use_kernel is read once, when each compiles.)
-    fns = {"torch": (False, lambda *a: model.step(*a)), "kernel": (True, lambda *a: model.step(*a))}
+    # The kernel whatever the cache size (min_keys=0: the step's own threshold, attend.MIN_KEYS,
+    # comes from here). Two lambda expressions: two code objects, so two compiled graphs.
+    masked = StaticStep(model, attention=attend.masked)
+    on_kernel = StaticStep(model, attention=attend.OnKernel(kernels.library().limits, min_keys=0))
+    fns = {"torch": lambda *a: masked(*a), "kernel": lambda *a: on_kernel(*a)}
     steps = {}
     with torch.inference_mode():
-        for name, (on, fn) in fns.items():
-            _use_kernel_attention(model, on)
+        for name, fn in fns.items():
             step = torch.compile(fn, dynamic=False, options=options)
             step(token, torch.tensor([positions[0]]), cache)  # compiles
             steps[name] = step
@@ -91,8 +86,8 @@ def main(argv=None) -> None:
         ap.error(f"--slots must be multiples of 256 (the compiled step's buckets), got {args.slots}")
     folder, note = model_folder(args.model, log)
     llm = tracer.load(folder, device="cpu", dtype=args.dtype, progress=False)
-    if llm.model.set_matvec("auto") != "kernel":
-        raise SystemExit(f"no CPU kernel here: {tracer.matvec.kernel().reason}")
+    if fast.use_kernels(llm.model, "auto") != "kernel":
+        raise SystemExit(f"no CPU kernel here: {kernels.library().reason}")
     cfg = llm.config
     result = {
         "benchmark": "llama-tracer decode attention (benchmarks/decode_attention.py)",

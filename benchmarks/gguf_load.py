@@ -32,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tracer.train_tiny.pipeline import cpu_model
-
+from .machine import cpu_model
 from .speed import SHAPES, cpu_simd, rss_bytes, write_results
 
 GOAL_SPEEDUP = 5.0  # ours at least 5x faster to first logits than transformers' GGUF reader

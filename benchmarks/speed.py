@@ -45,14 +45,15 @@ from pathlib import Path
 import torch
 
 import tracer
-from tracer import matvec
+from tracer import kernels, matvec
 from tracer.api import Llama
 from tracer.checkpoint import save_pretrained
 from tracer.config import LlamaConfig, RopeConfig
+from tracer.fast import products, use_kernels
 from tracer.model import LlamaModel, init_weights
-from tracer.train_tiny.pipeline import cpu_model
 
 from . import llamacpp
+from .machine import cpu_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -91,8 +92,8 @@ LOAD_RUNS = 4
 
 
 def standin_config() -> LlamaConfig:
-    """The shape the embedded model is trained with (tracer.train_tiny), for when it is absent."""
-    from tracer.train_tiny.train import TrainSettings
+    """The shape the embedded model is trained with (tools.train_tiny), for when it is absent."""
+    from tools.train_tiny.train import TrainSettings
 
     return TrainSettings().model_config()
 
@@ -107,7 +108,7 @@ def model_folder(name: str, log) -> tuple[Path, str]:
             return shipped, "the shipped embedded model"
         cfg, note = standin_config(), (
             f"{shipped} does not exist yet: random weights in the embedded model's training "
-            "shape (tracer.train_tiny.TrainSettings) stand in for it"
+            "shape (tools.train_tiny.TrainSettings) stand in for it"
         )
         name = "embedded-standin"
     else:
@@ -465,12 +466,12 @@ def matmuls_only(model: LlamaModel, n: int, product=torch.nn.functional.linear) 
 
 def with_matvec(model: LlamaModel, mode: str, fn):
     """Run ``fn()`` with the model's one-row products on ``mode`` ("torch"/"kernel"), then restore."""
-    before = "kernel" if model.use_kernel else "torch"
-    model.set_matvec(mode)
+    before = products(model)
+    use_kernels(model, mode)
     try:
         return fn()
     finally:
-        model.set_matvec(before)
+        use_kernels(model, before)
 
 
 def ours_generate(llm, prompt: list[int], n: int, capture: str, points=()) -> list[int]:
@@ -638,13 +639,13 @@ def run(args) -> dict:
         "bare": lambda: bare_decode(model, prompt, new_tokens),
         "matmuls_only": lambda: matmuls_only(model, new_tokens),
     }
-    if model.use_kernel:
+    if products(model) == "kernel":
         # What our one-row kernel (tracer/matvec.py, the default on this CPU) buys: the same
         # runtime on torch's F.linear, and the kernel's own floor.
         variants["ours_off_torch_matvec"] = lambda: with_matvec(
             model, "torch", lambda: ours_generate(llm, prompt, new_tokens, "off"))
         variants["kernel_only"] = lambda: matmuls_only(model, new_tokens, matvec.linear)
-    result["matvec"] = "kernel" if model.use_kernel else "torch"
+    result["matvec"] = products(model)
     if args.with_llamacpp:
         # llama.cpp over the same weights (benchmarks/llamacpp.py): converted to GGUF once, then
         # greedy decode from the same token ids, with torch's thread count.
@@ -656,8 +657,8 @@ def run(args) -> dict:
                               "version": llamacpp_version()}
         lcpp.generate(prompt, 4)  # warm-up
         variants["llamacpp"] = lambda: lcpp.generate(prompt, new_tokens)
-    if not model.use_kernel:
-        result["matvec_unavailable_because"] = matvec.kernel().reason or "not a CPU run"
+    if products(model) != "kernel":
+        result["matvec_unavailable_because"] = kernels.library().reason or "not a CPU run"
     if args.compile:
         # The same model, with the opt-in compiled decode step that capture="off" uses.
         fast = Llama(model, llm.tokenizer, llm.defaults, llm.resolved, llm.load_trace.copy())

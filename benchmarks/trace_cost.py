@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import tracer
-from tracer.train_tiny.pipeline import cpu_model
 
+from .machine import cpu_model
 from .speed import cpu_simd
 
 FULL_POINTS = ("blocks.0.attn.pattern", "blocks.*.resid_post", "logits")

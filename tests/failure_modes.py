@@ -268,10 +268,10 @@ def no_cuda(ws):
 
 
 def kernel_unavailable(ws):
-    from tracer import matvec
+    from tracer.kernels import build
 
     with mock.patch.dict(os.environ, {"CC": "/nonexistent/cc"}), \
-            mock.patch("tracer.model.kernel", matvec.kernel.__wrapped__):
+            mock.patch("tracer.kernels.library", build.load):
         return load(ws.base, matvec="kernel")
 
 

@@ -1,4 +1,5 @@
-"""tracer/attend.py: one decode token's attention on the CPU kernel, and when the model uses it."""
+"""tracer/attend.py: one decode token's attention over the whole cache, masked or on the CPU kernel,
+and when the static step uses the kernel."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from hypothesis import strategies as st
 from test_model import small_model
 
 import tracer
-from tracer import attend, matvec
-from tracer.model import _masked_decode_attention
+from tracer import attend, fast, kernels
+from tracer.fast import StaticStep
+from tracer.kernels import Limits
 
-KERNEL = matvec.kernel()
+KERNEL = kernels.library()
 needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # One rounding of the float32 result to the storage type, plus float32 summation differences.
@@ -35,16 +37,16 @@ def _inputs(Hkv, n_rep, hd, S, dtype, seed):
 )
 def test_kernel_matches_the_masked_attention_it_replaces(Hkv, n_rep, hd, S, data, dtype, seed):
     """Slots after the position are garbage (nan, inf): the kernel never reads them, and what it
-    computes over the rest is what model._masked_decode_attention computes over every slot."""
+    computes over the rest is what attend.masked computes over every slot."""
     pos = data.draw(st.integers(0, S - 1))
     q, k, v = _inputs(Hkv, n_rep, hd, S, dtype, seed)
     position = torch.tensor([pos])
     scale = hd**-0.5
     with torch.inference_mode():
-        want = _masked_decode_attention(q, k, v, (torch.arange(S) <= pos)[None], scale)
+        want = attend.masked(q, k, v, position, scale)
         k[:, :, pos + 1 :] = float("nan")
         v[:, :, pos + 1 :] = float("inf")
-        assert attend.fits(q, k, v, position)
+        assert attend.fits(q, k, v, position, KERNEL.limits)
         got = attend.decode_attention(q, k, v, position, scale)
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -57,8 +59,8 @@ def test_a_cache_slice_with_a_head_stride_is_read_correctly():
     q, k, v = _inputs(2, 3, 16, 32, torch.float16, 0)
     position = torch.tensor([9])
     with torch.inference_mode():
-        want = _masked_decode_attention(q, k[:, :, :10], v[:, :, :10], torch.ones(1, 10, dtype=torch.bool), 0.25)
-        assert attend.fits(q, k[:, :, :10], v[:, :, :10], position)
+        want = attend.masked(q, k[:, :, :10], v[:, :, :10], position, 0.25)
+        assert attend.fits(q, k[:, :, :10], v[:, :, :10], position, KERNEL.limits)
         got = attend.decode_attention(q, k[:, :, :10], v[:, :, :10], position, 0.25)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
@@ -72,36 +74,40 @@ def test_a_position_outside_the_cache_is_refused(pos):
 
 
 def test_fits_only_what_the_kernel_can_do():
+    """Within the limits a library reports (made up here: the real ones are test_kernels' business)."""
+    limits = Limits(max_parts=3, max_head_dim=32, head_dim_step=8, max_rep=4)
     q, k, v = _inputs(2, 4, 16, 8, torch.float16, 0)
     pos = torch.tensor([3])
     with torch.inference_mode():
-        assert attend.fits(q, k, v, pos)
-        assert not attend.fits(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), pos)  # batch
-        assert not attend.fits(q[..., :12], k[..., :12], v[..., :12], pos)  # hd not a multiple of 8
-        assert not attend.fits(q.float(), k, v, pos)  # mixed dtypes
-        assert not attend.fits(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, pos)  # rows not contiguous
-        assert not attend.fits(q, k, v, pos.int())
-        assert not attend.fits(q, k, v, torch.tensor([1, 2]))
-        assert not attend.fits(_inputs(1, 17, 16, 8, torch.float16, 0)[0], k[:, :1], v[:, :1], pos)  # n_rep > 16
-    assert not attend.fits(q, k, v, pos)  # autograd on
+        assert attend.fits(q, k, v, pos, limits)
+        assert not attend.fits(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), pos, limits)  # batch
+        assert not attend.fits(q[..., :12], k[..., :12], v[..., :12], pos, limits)  # hd not a multiple of 8
+        assert not attend.fits(*_inputs(2, 4, 40, 8, torch.float16, 0), pos, limits)  # hd above 32
+        assert attend.fits(*_inputs(2, 4, 32, 8, torch.float16, 0), pos, limits)  # hd of 32
+        assert not attend.fits(q.float(), k, v, pos, limits)  # mixed dtypes
+        assert not attend.fits(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, pos, limits)  # rows not contiguous
+        assert not attend.fits(q, k, v, pos.int(), limits)
+        assert not attend.fits(q, k, v, torch.tensor([1, 2]), limits)
+        assert not attend.fits(_inputs(1, 5, 16, 8, torch.float16, 0)[0], k[:, :1], v[:, :1], pos, limits)  # n_rep > 4
+    assert not attend.fits(q, k, v, pos, limits)  # autograd on
 
 
-def test_set_matvec_torch_turns_the_attention_kernel_off():
+def test_use_kernels_torch_turns_the_attention_kernel_off():
     llm = tracer.load(None, dtype="float32", progress=False)
-    assert llm.model.set_matvec("torch") == "torch"
-    assert not any(b.attn.use_kernel for b in llm.model.blocks)
-    expected = KERNEL.available
-    llm.model.set_matvec("auto")
-    assert all(b.attn.use_kernel == expected for b in llm.model.blocks)
+    assert fast.use_kernels(llm.model, "torch") == "torch"
+    assert StaticStep(llm.model).attention is attend.masked
+    fast.use_kernels(llm.model, "auto")
+    assert isinstance(StaticStep(llm.model).attention, attend.OnKernel) == KERNEL.available
 
 
 @needs_kernel
-def test_the_model_uses_the_kernel_only_for_caches_of_min_keys_or_more():
+def test_the_step_uses_the_kernel_only_for_caches_of_min_keys_or_more():
     """Below attend.MIN_KEYS cached key elements per layer the compiled loops are as fast: the
-    model keeps them. Seen through nan in unwritten value slots, which only the masked torch
+    static step keeps them. Seen through nan in unwritten value slots, which only the masked torch
     attention multiplies (by a zero weight, giving nan)."""
     model = small_model().to(torch.float16)
-    model.set_matvec("kernel")
+    fast.use_kernels(model, "kernel")
+    step = StaticStep(model)
     cfg = model.config
     per_slot = cfg.num_key_value_heads * cfg.head_dim
     assert attend.MIN_KEYS % per_slot == 0
@@ -111,7 +117,7 @@ def test_the_model_uses_the_kernel_only_for_caches_of_min_keys_or_more():
             model(torch.tensor([[1, 2, 3]]), cache)
             for t in cache.values:
                 t[:, :, 4:] = float("nan")
-            logits = model.step(torch.tensor([[4]]), torch.tensor([3]), cache)
+            logits = step(torch.tensor([[4]]), torch.tensor([3]), cache)
             assert bool(logits.isfinite().all()) == kernel_used, slots
 
 
@@ -119,10 +125,9 @@ def test_the_model_uses_the_kernel_only_for_caches_of_min_keys_or_more():
 def test_a_compiled_step_on_the_kernel_equals_the_eager_step():
     """torch.compile sees the kernel as one opaque op after the cache write it depends on; its logits equal the eager step's."""
     model = small_model().to(torch.float16)
-    model.set_matvec("kernel")
-    for b in model.blocks:
-        b.attn.kernel_min_keys = 0
-    compiled = torch.compile(model.step, dynamic=False)
+    fast.use_kernels(model, "kernel")
+    step = StaticStep(model, attention=attend.OnKernel(KERNEL.limits, min_keys=0))
+    compiled = torch.compile(lambda *a: step(*a), dynamic=False)  # the whole step as one graph
     ids = [1, 2, 3, 4, 5]
     with torch.inference_mode():
         a, b = model.new_cache(16), model.new_cache(16)
@@ -130,7 +135,7 @@ def test_a_compiled_step_on_the_kernel_equals_the_eager_step():
         model(torch.tensor([ids]), b)
         token = torch.tensor([[6]])
         for p in range(len(ids), len(ids) + 4):
-            want = model.step(token, torch.tensor([p]), a)
+            want = step(token, torch.tensor([p]), a)
             got = compiled(token, torch.tensor([p]), b)
             torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
             # The cache write happened before the kernel read it (compiled RoPE may round a key

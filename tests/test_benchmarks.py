@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer import matvec
+from tracer import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_trace_cost_small_run_writes_results(tmp_path):
     assert len(r["goals"]) == 2 and all(isinstance(v, bool) for v in r["goals"].values())
 
 
-@pytest.mark.skipif(not matvec.kernel().available, reason="the benchmark compares against the CPU kernel")
+@pytest.mark.skipif(not kernels.library().available, reason="the benchmark compares against the CPU kernel")
 def test_decode_attention_small_run_writes_results(tmp_path):
     out = tmp_path / "attention.json"
     proc = subprocess.run(

@@ -1,4 +1,4 @@
-"""The embedded default model (tracer/embedded/) and the script that trains it (tracer.train_tiny).
+"""The embedded default model (tracer/embedded/) and the script that trains it (tools.train_tiny).
 
 The shipped model is checked for what a half-hour CPU run on Austen, Shakespeare and the World
 English Bible should have learned; the training recipe is checked for reproducibility on a tiny
@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import tracer
-from tracer.train_tiny import __main__ as cli
-from tracer.train_tiny.corpus import corpus_from_text
-from tracer.train_tiny.export import read_log_csv
-from tracer.train_tiny.pipeline import unigram_baseline
-from tracer.train_tiny.rdata import unserialize
-from tracer.train_tiny.tokenizer import encode_stream, load_tokenizer, train_tokenizer
-from tracer.train_tiny.train import TrainSettings, train
+from tools.train_tiny import __main__ as cli
+from tools.train_tiny.corpus import corpus_from_text
+from tools.train_tiny.export import read_log_csv
+from tools.train_tiny.pipeline import unigram_baseline
+from tools.train_tiny.rdata import unserialize
+from tools.train_tiny.tokenizer import encode_stream, load_tokenizer, train_tokenizer
+from tools.train_tiny.train import TrainSettings, train
 
 EMBEDDED = tracer.embedded_path()
 MAX_SHIPPED_BYTES = 25 * 1024 * 1024

@@ -1,4 +1,5 @@
-"""tracer/fast.py: the compiled decode step, one compiled block shared by every layer."""
+"""tracer/fast.py: the static decode step (eager and compiled, one compiled block shared by every
+layer) and the kernels swapped into the model."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import dataclasses
 
 import pytest
 import torch
+from test_model import small_model
 from torch._dynamo.utils import counters
 
 import tracer
-from tracer import fast, matvec
-from tracer.fast import CompiledStep
-from tracer.model import LlamaModel, init_weights
+from tracer import attend, fast, kernels
+from tracer.fast import CompiledStep, StaticStep
+from tracer.matvec import KernelLinear, KernelStacked
+from tracer.model import LlamaModel, Stacked, init_weights
 
-KERNEL = matvec.kernel()
+KERNEL = kernels.library()
+needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
 
 
 def _graphs() -> int:
@@ -35,13 +39,15 @@ def _prefilled(model: LlamaModel, ids: list[int], size: int):
 
 @torch.inference_mode()
 def _compare(model: LlamaModel, compiled: CompiledStep, steps: int, size: int, atol: float = 1e-5) -> list[int]:
-    """Decode ``steps`` tokens with the eager ``LlamaModel.step`` and with ``compiled`` from the
-    same prompt, each on its own cache; the logits must agree at every step. Returns the tokens."""
+    """Decode ``steps`` tokens with the eager :class:`StaticStep` (same attention) and with
+    ``compiled`` from the same prompt, each on its own cache; the logits must agree at every step.
+    Returns the tokens."""
     ids = [1, 5, 9, 3]
     eager_cache, fast_cache = _prefilled(model, ids, size), _prefilled(model, ids, size)
+    eager = StaticStep(model, attention=compiled.attention)
     token, tokens = torch.tensor([[7]]), []
     for p in range(len(ids), len(ids) + steps):
-        want = model.step(token, torch.tensor([p]), eager_cache)
+        want = eager(token, torch.tensor([p]), eager_cache)
         got = compiled(token, torch.tensor([p]), fast_cache)
         torch.testing.assert_close(got, want, atol=atol, rtol=atol, msg=lambda m, p=p: f"position {p}: {m}")
         assert torch.equal(got.argmax(-1), want.argmax(-1)), p
@@ -56,8 +62,8 @@ def _compare(model: LlamaModel, compiled: CompiledStep, steps: int, size: int, a
 
 @pytest.mark.parametrize("per_graph", [1, None])  # a graph per block (called for each), and the default
 def test_compiled_step_equals_the_eager_step(tiny_llm, per_graph):
-    """float32: the compiled step's logits equal LlamaModel.step's within 1e-5 over 40 decode
-    steps, and its greedy tokens are the same."""
+    """float32: the compiled step's logits equal the eager static step's within 1e-5 over 40
+    decode steps, and its greedy tokens are the same."""
     model = tiny_llm.model
     tokens = _compare(model, CompiledStep(model, blocks_per_graph=per_graph), steps=40, size=64)
     assert len(set(tokens)) > 1  # the tokens move: the comparison covers more than one input
@@ -104,15 +110,15 @@ def test_models_of_other_shapes_get_their_own_graphs(tiny_llm):
         _compare(model, CompiledStep(model), steps=4, size=32)
 
 
-@pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
+@needs_kernel
 def test_the_cpu_kernels_run_inside_the_compiled_block(tiny_llm):
     """The matvec and attention kernels are custom ops: the compiled block calls them, and its
     logits still equal the eager step's (which runs them too)."""
     model = _model(tiny_llm.config)
-    assert model.set_matvec("kernel") == "kernel"
-    for block in model.blocks:
-        block.attn.kernel_min_keys = 0  # this cache is far below the size where the model would use it
-    _compare(model, CompiledStep(model), steps=8, size=32)
+    assert fast.use_kernels(model, "kernel") == "kernel"
+    # min_keys=0: this cache is far below the size where the step would use the attention kernel.
+    compiled = CompiledStep(model, attention=attend.OnKernel(KERNEL.limits, min_keys=0))
+    _compare(model, compiled, steps=8, size=32)
 
 
 def test_generation_meta_says_which_step_ran_and_what_compiling_cost(tiny_checkpoint):
@@ -133,3 +139,87 @@ def test_generation_meta_says_which_step_ran_and_what_compiling_cost(tiny_checkp
     assert again.trace.meta["step"] == "compiled-block" and "compile_seconds" not in again.trace.meta
     traced = fast.generate("The people", max_new_tokens=2, do_sample=False)  # light: the eager model
     assert traced.trace.meta["step"] == "eager" and "compile_seconds" not in traced.trace.meta
+
+
+# --- The static step against the model -------------------------------------------------------
+
+
+@pytest.fixture(params=[6, 2, 1], ids=["mha", "gqa", "mqa"])
+def tiny_model_and_ids(request):
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    return small_model(num_key_value_heads=request.param), ids
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("attention", ["masked", "kernel"])
+def test_static_step_equals_forward_with_the_cache(tiny_model_and_ids, attention):
+    """The static step (tensor position, attention over every slot with the rest masked, or on the
+    CPU kernel over the slots written) gives the logits of forward(token, cache) and writes the
+    same keys and values, step after step."""
+    model, ids = tiny_model_and_ids
+    step = StaticStep(model)
+    if attention == "kernel":
+        if fast.use_kernels(model, "auto") != "kernel":
+            pytest.skip(f"no kernel here: {KERNEL.reason}")
+        # min_keys=0: this cache is far below the size where the step would use the attention kernel.
+        step = StaticStep(model, attention=attend.OnKernel(KERNEL.limits, min_keys=0))
+    a, b = _prefilled(model, ids, len(ids) + 6), _prefilled(model, ids, len(ids) + 6)
+    for t in b.keys + b.values:
+        t[:, :, len(ids):] = 1e3  # stale slots beyond the position must not matter
+    token = torch.tensor([[5]])
+    for _ in range(5):
+        start = a.length
+        want = model(token, a, last_only=True)[:, -1]
+        got = step(token, torch.tensor([start]), b)
+        b.length = start + 1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.k[:, :, :, : a.length], a.k[:, :, :, : a.length], atol=1e-5, rtol=1e-5)
+        token = want.argmax(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def test_static_step_in_float16_stays_close_to_forward(tiny_model_and_ids):
+    model, ids = tiny_model_and_ids
+    model = small_model(num_key_value_heads=model.config.num_key_value_heads).half()
+    a, b = _prefilled(model, ids, len(ids) + 3), _prefilled(model, ids, len(ids) + 3)
+    token = torch.tensor([[5]])
+    want = model(token, a, last_only=True)[:, -1].float()
+    got = StaticStep(model)(token, torch.tensor([len(ids)]), b).float()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@torch.inference_mode()
+def test_static_step_attends_its_own_way_whatever_is_hooked(tiny_model_and_ids):
+    """A pattern hook does not change what the static step computes, nor is it fed: the
+    Decoder takes the eager model (whose pattern spans the written positions) while one is attached."""
+    model, ids = tiny_model_and_ids
+    a, b = _prefilled(model, ids, len(ids) + 4), _prefilled(model, ids, len(ids) + 4)
+    want = StaticStep(model)(torch.tensor([[5]]), torch.tensor([len(ids)]), a)
+    with model.hooks.record("blocks.0.attn.pattern") as rec:
+        got = StaticStep(model)(torch.tensor([[5]]), torch.tensor([len(ids)]), b)
+    assert rec.names() == []
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# --- The kernels, swapped in -----------------------------------------------------------------
+
+
+def test_use_kernels_swaps_every_product_and_back_over_the_same_parameters():
+    """"kernel" puts KernelLinear in place of every nn.Linear and KernelStacked of every Stacked,
+    "torch" puts the plain ones back; the Parameters (a mapped checkpoint's views) are the same
+    objects throughout, so the names and values of the weights never change."""
+    if not KERNEL.available:
+        pytest.skip(KERNEL.reason)
+    model = small_model(tie_word_embeddings=True)
+    params = dict(model.named_parameters())
+    kinds = lambda: {type(m) for m in model.modules()}  # noqa: E731
+    assert fast.use_kernels(model, "kernel") == "kernel" == fast.products(model)
+    assert {KernelLinear, KernelStacked} <= kinds() and not {torch.nn.Linear, Stacked} & kinds()
+    assert model.lm_head.weight is model.embed.weight
+    assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
+    assert isinstance(fast.step_attention(model), attend.OnKernel)
+    assert fast.use_kernels(model, "torch") == "torch" == fast.products(model)
+    assert {torch.nn.Linear, Stacked} <= kinds() and not {KernelLinear, KernelStacked} & kinds()
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert fast.step_attention(model) is attend.masked

@@ -1,4 +1,4 @@
-"""tracer/matvec.py: the one-row product kernel, its build, and when the model uses it."""
+"""tracer/matvec.py: the one-row product kernel, and the model's products on it."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tracer
-from tracer import matvec
+from tracer import fast, kernels, matvec
 from tracer.errors import DeviceError
-from tracer.model import MLP, Attention
+from tracer.matvec import KernelLinear, KernelStacked
+from tracer.model import Stacked
 
-KERNEL = matvec.kernel()
+KERNEL = kernels.library()
 needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Worst elementwise difference from a float64 product, in units of the output's spacing (eps *
@@ -123,16 +124,18 @@ def test_several_matrices_in_one_call_equal_one_call_each(rows, k, dtype, thread
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_stacked_linear_is_one_layer_with_the_weights_stacked(use_kernel, tokens, dtype):
+def test_stacked_is_one_layer_with_the_weights_stacked(use_kernel, tokens, dtype):
+    """model.Stacked and its kernel twin (one call for one row) give the stacked layer's product."""
     if use_kernel and not KERNEL.available:
         pytest.skip(KERNEL.reason)
+    stacked = KernelStacked(KERNEL.limits.max_parts) if use_kernel else Stacked()
     g = torch.Generator().manual_seed(0)
     layers = [torch.nn.Linear(96, n, bias=False, dtype=dtype) for n in (128, 64, 64)]
     for m in layers:
         m.weight.data = torch.randn(m.weight.shape, generator=g).to(dtype)
     x = torch.randn(1, tokens, 96, generator=g).to(dtype)
     with torch.inference_mode():
-        got = matvec.stacked_linear(x, layers, use_kernel=use_kernel)
+        got = stacked(x, *layers)
         stacked = F.linear(x.double(), torch.cat([m.weight for m in layers]).double())
     assert got.shape == (1, tokens, 256) and got.dtype == dtype
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
@@ -184,56 +187,6 @@ def test_fits_only_one_row_inference_products():
     assert not matvec.fits(x, w.requires_grad_())
 
 
-def test_a_machine_without_a_compiler_falls_back_to_torch(monkeypatch, tmp_path):
-    """No compiler: no error, a reason, and the model keeps F.linear ("auto") or says why not."""
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    k = matvec.kernel.__wrapped__()
-    assert not k.available and k.reason
-    assert not list(tmp_path.glob("llama-tracer/*"))  # nothing half-built left behind
-
-
-def test_a_failing_build_leaves_no_file_and_says_why(monkeypatch, tmp_path):
-    if KERNEL.reason.startswith(("the kernel is x86-64 only", "the kernel needs AVX2")):
-        pytest.skip(KERNEL.reason)
-    cc = tmp_path / "brokencc"  # answers --version, fails to compile anything
-    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo brokencc 1.0; exit 0; }\necho "out of ink" >&2\nexit 1\n')
-    cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    k = matvec.kernel.__wrapped__()
-    assert not k.available
-    assert "matvec.c" in k.reason and "failed" in k.reason and "out of ink" in k.reason
-    assert list((tmp_path / "cache" / "llama-tracer").iterdir()) == []  # the temporary file is gone
-
-
-@needs_kernel
-def test_build_goes_to_the_cache_dir_once(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = matvec.kernel.__wrapped__()
-    built = list((tmp_path / "llama-tracer").glob("matvec-*.so"))
-    assert first.available and built == [first.path]
-    mtime = first.path.stat().st_mtime_ns
-    again = matvec.kernel.__wrapped__()
-    assert again.path == first.path and first.path.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    assert not list((tmp_path / "llama-tracer").glob("tmp*"))  # no temporary left over
-
-
-@needs_kernel
-def test_a_library_that_will_not_load_means_no_kernel(monkeypatch, tmp_path):
-    """A damaged file in the cache (not one we wrote: ours are renamed into place whole) is
-    reported with its path and what to do, not a crash at the first product."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
-    name = matvec.kernel.__wrapped__().path.name  # (a library in use must not be overwritten)
-    damaged = tmp_path / "b" / "llama-tracer" / name
-    damaged.parent.mkdir(parents=True)
-    damaged.write_bytes(b"not a shared library")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
-    k = matvec.kernel.__wrapped__()
-    path = damaged
-    assert not k.available and str(path) in k.reason and "delete it" in k.reason
-
-
 # --- The model ---------------------------------------------------------------------------------
 
 
@@ -266,7 +219,7 @@ def test_embedded_model_decodes_the_same_with_the_kernel_and_with_torch(dtype):
     with_kernel = llm.generate("Once upon a time", **kw)
     forced = with_kernel.new_ids
     kernel_logits = _forced_decode_logits(llm.model, prompt, forced)
-    assert llm.model.set_matvec("torch") == "torch"
+    assert fast.use_kernels(llm.model, "torch") == "torch"
     with_torch = llm.generate("Once upon a time", **kw)
     torch_logits = _forced_decode_logits(llm.model, prompt, forced)
     assert (with_kernel.trace.meta["matvec"], with_torch.trace.meta["matvec"]) == (expected, "torch")
@@ -305,20 +258,18 @@ def test_every_decode_product_of_the_embedded_model_runs_on_the_kernel():
     x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16)
     with torch.inference_mode():
         for name, m in model.named_modules():
-            if isinstance(m, (Attention, MLP)):
-                assert m.use_kernel, name  # their stacked products (q/k/v, gate/up)
-            if isinstance(m, matvec.Linear):
-                assert m.use_kernel, name
+            assert type(m) not in (torch.nn.Linear, Stacked), name  # every product swapped
+            if isinstance(m, KernelLinear):
                 assert matvec.fits(torch.zeros(1, 1, m.in_features, dtype=torch.float16), m.weight), name
-        assert matvec.fits(x, model.output_weight())
+        assert isinstance(model.lm_head, KernelLinear) and matvec.fits(x, model.output_weight())
 
 
-def test_set_matvec_validates_its_argument(monkeypatch):
+def test_use_kernels_validates_its_argument(monkeypatch):
     llm = tracer.load(None, dtype="float32", progress=False)
     with pytest.raises(ValueError, match="'auto', 'kernel' or 'torch'"):
-        llm.model.set_matvec("fast")
-    monkeypatch.setattr("tracer.model.kernel", lambda: matvec.Kernel(None, "no kernel in this test"))
+        fast.use_kernels(llm.model, "fast")
+    monkeypatch.setattr("tracer.kernels.library", lambda: kernels.Library(None, "no kernel in this test"))
     with pytest.raises(DeviceError, match="no kernel in this test"):
-        llm.model.set_matvec("kernel")
-    assert llm.model.set_matvec("auto") == "torch"
-    assert not any(m.use_kernel for m in llm.model.modules() if isinstance(m, (matvec.Linear, Attention, MLP)))
+        fast.use_kernels(llm.model, "kernel")
+    assert fast.use_kernels(llm.model, "auto") == "torch"
+    assert not any(isinstance(m, (KernelLinear, KernelStacked)) for m in llm.model.modules())

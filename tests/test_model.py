@@ -1,15 +1,16 @@
-"""tracer.model: cache vs no cache, RoPE variants, meta construction, explicit vs fast attention."""
+"""tracer.model: cache vs no cache, RoPE variants, meta construction, explicit vs SDPA attention."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tracer.config import LlamaConfig, RopeConfig
-from tracer.matvec import kernel
 from tracer.model import LlamaModel, causal_mask, init_weights, rope_inv_freq
 
 
@@ -111,63 +112,39 @@ def test_kv_cache_is_sized_for_the_request_not_the_config_maximum():
     assert cache.bytes_allocated == 2 * 3 * 1 * 2 * 40 * 8 * 4
 
 
-@pytest.fixture(params=[6, 2, 1], ids=["mha", "gqa", "mqa"])
-def tiny_model_and_ids(request):
-    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(1)).tolist()
-    return small_model(num_key_value_heads=request.param), ids
-
-
-def _prefilled(model, ids, max_len):
-    cache = model.new_cache(max_len)
-    model(torch.tensor([ids]), cache, last_only=True)
-    return cache
-
-
 @torch.inference_mode()
-@pytest.mark.parametrize("attention", ["masked", "kernel"])
-def test_static_step_equals_forward_with_the_cache(tiny_model_and_ids, attention):
-    """LlamaModel.step (tensor position, attention over every slot with the rest masked, or on the
-    CPU kernel over the slots written) gives the logits of forward(token, cache) and writes the
-    same keys and values, step after step."""
-    model, ids = tiny_model_and_ids
-    if attention == "kernel":
-        if model.set_matvec("auto") != "kernel":
-            pytest.skip(f"no kernel here: {kernel().reason}")
-        for block in model.blocks:
-            block.attn.kernel_min_keys = 0  # this cache is far below the size where the model would use it
-    a, b = _prefilled(model, ids, len(ids) + 6), _prefilled(model, ids, len(ids) + 6)
-    for t in b.keys + b.values:
-        t[:, :, len(ids):] = 1e3  # stale slots beyond the position must not matter
-    token = torch.tensor([[5]])
-    for _ in range(5):
-        start = a.length
-        want = model(token, a, last_only=True)[:, -1]
-        got = model.step(token, torch.tensor([start]), b)
-        b.length = start + 1
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(b.k[:, :, :, : a.length], a.k[:, :, :, : a.length], atol=1e-5, rtol=1e-5)
-        token = want.argmax(-1, keepdim=True)
-
-
-@torch.inference_mode()
-def test_static_step_in_float16_stays_close_to_forward(tiny_model_and_ids):
-    model, ids = tiny_model_and_ids
-    model = small_model(num_key_value_heads=model.config.num_key_value_heads).half()
-    a, b = _prefilled(model, ids, len(ids) + 3), _prefilled(model, ids, len(ids) + 3)
-    token = torch.tensor([[5]])
-    want = model(token, a, last_only=True)[:, -1].float()
-    got = model.step(token, torch.tensor([len(ids)]), b).float()
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
-
-
-@torch.inference_mode()
-def test_static_step_with_a_pattern_hook_masks_unwritten_slots(tiny_model_and_ids):
-    model, ids = tiny_model_and_ids
-    cache = _prefilled(model, ids, len(ids) + 4)
+def test_a_decode_token_with_a_pattern_hook_sees_the_written_positions_only():
+    """One token after a prompt, in a cache larger than what is written: the explicit path's
+    pattern spans the positions so far (not the unwritten slots), sums to 1, and its output is
+    SDPA's."""
+    model = small_model()
+    ids = [3, 14, 15, 92, 65]
+    a, b = model.new_cache(len(ids) + 4), model.new_cache(len(ids) + 4)
+    model(torch.tensor([ids]), a)
+    model(torch.tensor([ids]), b)
+    want = model(torch.tensor([[5]]), a)
     with model.hooks.record("blocks.0.attn.pattern") as rec:
-        model.step(torch.tensor([[5]]), torch.tensor([len(ids)]), cache)
-    pattern = rec["blocks.0.attn.pattern"]  # [1, H, 1, max_len]
-    assert pattern.shape[-1] == len(ids) + 4
-    assert torch.all(pattern[..., len(ids) + 1 :] == 0)
+        got = model(torch.tensor([[5]]), b)
+    pattern = rec["blocks.0.attn.pattern"]  # [1, H, 1, S]
+    assert pattern.shape == (1, 6, 1, len(ids) + 1)
     torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_are_one_parameter_after_allocate_and_load(tmp_path):
+    """Tied: lm_head's weight is the embedding's Parameter, and stays so through allocate()
+    (counted once; what the loader fills is what lm_head reads)."""
+    cfg = dataclasses.replace(small_model().config, tie_word_embeddings=True)
+    model = LlamaModel(cfg, device="meta").allocate("cpu")
+    assert model.lm_head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters
+    init_weights(model, torch.Generator().manual_seed(0))
+    h = torch.randn(1, 1, cfg.hidden_size)
+    torch.testing.assert_close(model.lm_head(h), h @ model.embed.weight.T)
+
+
+def test_the_model_knows_nothing_of_the_fast_path():
+    """tracer/model.py is the network only: the kernels, compiling and capture live elsewhere."""
+    source = (Path(__file__).resolve().parent.parent / "tracer" / "model.py").read_text().lower()
+    for word in ("kernel", "compile", "capture", "matvec"):
+        assert word not in source, word

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import sampling
+from . import fast, sampling
 from .checkpoint import checkpoint_layout, load_weights, read_config
 from .config import GenerationDefaults, LlamaConfig, dtype_bytes
 from .errors import DeviceError, GenerationError, TokenizerError
@@ -133,7 +133,7 @@ class Llama:
         self.defaults = defaults
         self.resolved = resolved
         self.load_trace = load_trace
-        self.fast_step = None  # set by load(compile=True): a compiled LlamaModel.step
+        self.fast_step = None  # set by load(compile=True): a tracer.fast.CompiledStep
 
     def compile_step(self) -> Llama:
         """Make decode steps with capture="off" run a compiled step (:class:`tracer.fast.CompiledStep`).
@@ -155,12 +155,9 @@ class Llama:
         fusing saves): the graph reads the weights at each call, so in-place edits show, but a hook
         attached to a point is seen only because the Decoder then takes the eager model.
         """
-        # Imported here: tracer.fast imports torch._dynamo, seconds that only compile=True should pay.
-        from .fast import CompiledStep
-
         meta = self.load_trace.meta
-        meta["step"] = CompiledStep.kind
-        self.fast_step = CompiledStep(self.model, on_compile=lambda seconds: meta.setdefault("compile_seconds", seconds))
+        meta["step"] = fast.CompiledStep.kind
+        self.fast_step = fast.CompiledStep(self.model, on_compile=lambda seconds: meta.setdefault("compile_seconds", seconds))
         return self
 
     @property
@@ -266,8 +263,8 @@ class Llama:
                               **({"budget_bytes": budget_bytes} if budget_bytes else {}),
                               top_k=top_n, lens=lens)
         trace = self.load_trace.copy() if capture != "off" else Trace(meta=self.load_trace.meta)
-        # What computes this run's products (set_matvec may have changed it since the load).
-        trace.meta = {**trace.meta, "matvec": "kernel" if self.model.use_kernel else "torch"}
+        # What computes this run's products (fast.use_kernels may have changed it since the load).
+        trace.meta = {**trace.meta, "matvec": fast.products(self.model)}
         t0, started = time.perf_counter(), time.time()
         enc = self.encode_prompt(prompt, chat=chat, system=system)
         ids = enc.ids
@@ -337,10 +334,10 @@ def load(
     the target dtype, then filled shard by shard, tensor by tensor (on the CPU, weights stored in
     the target dtype are mapped from the file instead of copied). Each stage is a trace event in
     ``llm.load_trace``. ``compile=True`` makes untraced generation (capture="off") use a
-    torch.compile'd decode step (:meth:`LlamaModel.step`); it compiles on first use.
+    torch.compile'd static-shape decode step (:meth:`Llama.compile_step`); it compiles on first use.
     ``matvec`` picks what computes batch-1 decode's one-row products on the CPU: "auto" (our
-    AVX2 kernel where it can be built, see ``tracer.matvec``), "kernel" or "torch"
-    (:meth:`LlamaModel.set_matvec`); ``llm.load_trace.meta["matvec"]`` says which is in use.
+    AVX2 kernels where they can be built, see ``tracer.kernels``), "kernel" or "torch"
+    (:func:`tracer.fast.use_kernels`); ``llm.load_trace.meta["matvec"]`` says which is in use.
     """
     trace = Trace()
     dev = pick_device(device)
@@ -369,7 +366,7 @@ def load(
     # Construct without allocating (meta), then allocate uninitialised storage on the device.
     model = LlamaModel(cfg, device="meta", dtype=torch_dtype).allocate(dev)
     model.eval()
-    products = model.set_matvec(matvec)  # before the weights: an impossible choice fails fast
+    products = fast.use_kernels(model, matvec)  # before the weights: an impossible choice fails fast
     with _progress(resolved, cfg, progress) as tick:
         for report in load_weights(model, resolved, on_tensor=tick):
             trace.add(LoadShardEvent(

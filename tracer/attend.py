@@ -1,23 +1,25 @@
-"""One decode token's attention over a fixed-size KV cache, on the CPU (``kernels/attend.c``).
+"""One decode token's attention over a fixed-size KV cache: masked loops, or the CPU kernel.
 
-The compiled decode step (``LlamaModel.step``) keeps its shapes fixed by attending over every
-cache slot with the unwritten ones masked; the loops torch.compile generates for that read and
-score all the slots, and widen each 16-bit key once per query head. The kernel reads only the
-slots up to the token's position, each KV head's rows once from memory for the query heads that
-share them (GQA). It is the same math as ``model._masked_decode_attention`` (float32 scores,
-softmax and sums), and is used only where that function would be: one token, a tensor position.
-It is built into the same library as the products (:func:`tracer.matvec.kernel`).
+The static decode step (``tracer/fast.py``) keeps its shapes fixed by attending over every slot
+of the preallocated cache, the slots after the token's position masked: :func:`masked`, which
+torch.compile fuses into a few loops. Those loops read and score all the slots, and widen each
+16-bit key once per query head. The kernel (``kernels/attend.c``, :func:`decode_attention`) reads
+only the slots up to the position, each KV head's rows once for the query heads that share them
+(GQA): the same math (float32 scores, softmax and sums). :class:`OnKernel` is the attention that
+uses it where it pays and fits and :func:`masked` elsewhere.
+
+Layouts: the n_rep query heads sharing a KV head are that head's n_rep query rows, q [B, Hkv,
+n_rep, hd] (head h = kv * n_rep + r), over keys and values [B, Hkv, S, hd].
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .matvec import _SUFFIX, kernel
-
-# The C loops widen a KV head's n_rep query rows into a float32 buffer on the stack.
-_MAX_HEAD_DIM = 256
-_MAX_REP = 16
+from .kernels import Limits, ops
+from .kernels.library import SUFFIX
 
 # Below this many cached key elements per layer (KV heads x slots x head dim) the loops that
 # torch.compile fuses around the rest of the layer are as fast as the kernel and its call, or
@@ -29,33 +31,29 @@ _MAX_REP = 16
 # 1B shapes, 4096 for the embedded model.
 MIN_KEYS = 1 << 18
 
-# A fragment of the "llama_tracer" namespace that matvec.py defines: torch.compile sees the
-# kernel as one opaque operator, as it does the products.
-_LIB = torch.library.Library("llama_tracer", "FRAGMENT")
-_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor")
+
+def masked(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention [B, Hkv, n_rep, hd] of one token at ``position`` [1] over every cache slot, the
+    slots after it masked (a hidden key gets weight exactly 0, so the result is that of the slots
+    written). Plain products and sums rather than SDPA, so that torch.compile fuses the whole
+    attention into a few loops (a fifth of a small model's step on the CPU); float32 inside, as
+    SDPA does for float16."""
+    f32 = torch.float32
+    visible = (torch.arange(keys.shape[2], device=q.device) <= position)[None]  # [1, S]
+    scores = (q.to(f32)[:, :, :, None, :] * keys.to(f32)[:, :, None, :, :]).sum(-1) * scale  # [B, Hkv, n_rep, S]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (probs[..., None] * values.to(f32)[:, :, None, :, :]).sum(-2).to(q.dtype)  # [B, Hkv, n_rep, hd]
 
 
-def _attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, scale: float):
-    q3 = q.reshape(q.shape[1:]).contiguous()  # [Hkv, n_rep, hd]
-    out = torch.empty_like(q3)
-    kernel().attend(q3, k[0], v[0], position, scale, out)
-    return out.view(q.shape)
+def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, limits: Limits) -> bool:
+    """Whether the kernel, with the ``limits`` its library reports, can attend for ``q``
+    [1, Hkv, n_rep, hd] over ``k``/``v`` [1, Hkv, S, hd].
 
-
-_LIB.impl("decode_attention", _attend_cpu, "CPU")
-
-
-@torch.library.register_fake("llama_tracer::decode_attention")
-def _(q, k, v, position, scale):
-    return q.new_empty(q.shape)
-
-
-def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> bool:
-    """Whether the kernel can attend for ``q`` [1, Hkv, n_rep, hd] over ``k``/``v`` [1, Hkv, S, hd].
-
-    Inference only, batch 1, CPU tensors of one float dtype, hd a multiple of 8 up to 256, at most
-    16 query heads per KV head, key/value rows contiguous with the same strides, and a one-element
-    int64 position. (Whether the kernel could be built is :func:`tracer.matvec.kernel`'s business.)
+    Inference only, batch 1, CPU tensors of one float dtype, hd a multiple of
+    ``limits.head_dim_step`` up to ``limits.max_head_dim``, at most ``limits.max_rep`` query heads
+    per KV head, key/value rows contiguous with the same strides, and a one-element int64 position.
     """
     B, Hkv, n_rep, hd = q.shape
     return (
@@ -64,9 +62,9 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tens
         and k.shape[3] == v.shape[3] == hd
         and k.shape[2] == v.shape[2]
         and q.dtype is k.dtype is v.dtype
-        and q.dtype in _SUFFIX
+        and q.dtype in SUFFIX
         and q.is_cpu and k.is_cpu and v.is_cpu and position.is_cpu
-        and hd % 8 == 0 and hd <= _MAX_HEAD_DIM and n_rep <= _MAX_REP
+        and hd % limits.head_dim_step == 0 and hd <= limits.max_head_dim and n_rep <= limits.max_rep
         and k.stride() == v.stride()
         and k.stride(3) == 1 and k.stride(2) == hd
         and position.dtype == torch.int64 and position.numel() == 1
@@ -77,11 +75,24 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tens
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention of one token at ``position`` over cache slots 0..position, [1, Hkv, n_rep, hd].
+    """Attention of one token at ``position`` over cache slots 0..position, [1, Hkv, n_rep, hd], on
+    the kernel, for callers that checked :func:`fits`. Slots after the position are never read, so
+    whatever they hold does not matter."""
+    if torch.compiler.is_compiling():  # opaque to the compiler (ops.register)
+        return torch.ops.llama_tracer.decode_attention(q, k, v, position, scale)
+    return ops.decode_attention(q, k, v, position, scale)
 
-    For callers that checked :func:`fits` and :func:`tracer.matvec.kernel`. Slots after the
-    position are never read, so whatever they hold does not matter.
-    """
-    if torch.compiler.is_compiling():
-        return torch.ops.llama_tracer.decode_attention(q, k, v, position, scale)  # opaque to the compiler
-    return _attend_cpu(q, k, v, position, scale)
+
+@dataclass(frozen=True)
+class OnKernel:
+    """Decode attention on the kernel from ``min_keys`` cached key elements per layer, where it
+    :func:`fits` the library's ``limits``; :func:`masked` elsewhere. Called as :func:`masked` is."""
+
+    limits: Limits
+    min_keys: int = MIN_KEYS
+
+    def __call__(self, q, keys, values, position, scale) -> torch.Tensor:
+        _, Hkv, S, hd = keys.shape
+        if Hkv * S * hd >= self.min_keys and fits(q, keys, values, position, self.limits):
+            return decode_attention(q, keys, values, position, scale)
+        return masked(q, keys, values, position, scale)

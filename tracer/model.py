@@ -10,10 +10,13 @@ softmax of the explicit attention path in float32.
 Shape alphabet: B batch, T new tokens, S keys (cached + new), D hidden, H query heads, Hkv KV heads,
 hd head dim, F intermediate, V vocab, L layers.
 
-Speed notes: q/k/v and gate/up are computed as one product each (``matvec.stacked_linear``)
-while their weights stay the checkpoint's separate tensors, so that on the CPU every weight is a
-view of the mapped file; the KV cache is preallocated, and hook points cost one list check when
-nothing is attached.
+This is the one path through the network, and every traced run takes it. The fast path lives
+beside it (``tracer/fast.py``): a static-shape decode step built from these layers' pieces, and
+faster products put in place of :class:`Stacked` and ``nn.Linear``; nothing here knows of it.
+Speed notes that do belong here: q/k/v and gate/up are one product each (:class:`Stacked`) while
+their weights stay the checkpoint's separate tensors, so that on the CPU every weight is a view of
+the mapped file; the KV cache is preallocated; hook points cost one list check when nothing is
+attached.
 """
 
 from __future__ import annotations
@@ -24,11 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attend
 from .config import LlamaConfig
-from .errors import DeviceError
 from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
-from .matvec import Linear, kernel, linear, stacked_linear
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (math as small functions)
@@ -98,33 +98,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # KV cache
 
 
-def write_kv(
-    keys: torch.Tensor, values: torch.Tensor, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write new ``k``/``v`` [B, Hkv, T, hd] into one layer's ``keys``/``values`` at ``start``;
-    return views of every key and value so far.
-
-    A tensor ``start`` (one position, :meth:`LlamaModel.step`) writes there and returns every
-    slot [B, Hkv, max_len, hd], so that the shapes do not depend on the position.
-    """
-    if isinstance(start, torch.Tensor):
-        keys.index_copy_(2, start, k)
-        values.index_copy_(2, start, v)
-        return keys, values
-    end = start + k.shape[2]
-    keys[:, :, start:end] = k
-    values[:, :, start:end] = v
-    return keys[:, :, :end], values[:, :, :end]
-
-
 class KVCache:
     """Preallocated keys and values, one [B, Hkv, max_len, hd] tensor per layer for each.
 
     Sized for the length a generation asks for, not for ``max_position_embeddings`` (a Llama 3
-    config says 131072). ``length`` counts the positions already written; a decode step writes
-    position ``length`` and attends to ``[0, length]``. One tensor per layer (not one [L, ...]
-    block) lets a compiled step write each layer's slot in place: a write into a slice of one
-    shared block makes torch.compile copy the whole block every step.
+    config says 131072). ``length`` counts the positions already written; the next forward writes
+    from position ``length`` on. One tensor per layer (not one [L, ...] block) lets the static
+    decode step (``tracer/fast.py``) write each layer's slots in place: a write into a slice of one
+    shared block would copy the whole block there, every step.
     """
 
     def __init__(
@@ -151,14 +132,19 @@ class KVCache:
         return torch.stack(self.values)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i``'s (keys, values), each [B, Hkv, max_len, hd]: what its attention writes and reads."""
+        """Layer ``i``'s (keys, values), each [B, Hkv, max_len, hd]: every slot, written or not."""
         return self.keys[i], self.values[i]
 
     def update(
-        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new ``k``/``v`` [B, Hkv, T, hd] of ``layer`` at ``start`` (see :func:`write_kv`)."""
-        return write_kv(*self.layer(layer), start, k, v)
+        """Write new ``k``/``v`` [B, Hkv, T, hd] of ``layer`` at positions ``start``.. and return
+        views of that layer's keys and values so far, [B, Hkv, start + T, hd]."""
+        end = start + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def truncate(self, length: int) -> None:
         """Forget positions >= ``length`` (used to branch from an earlier step)."""
@@ -201,37 +187,26 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Stacked(nn.Module):
+    """Several linear layers applied to one input, their outputs side by side on the last dim:
+    what one layer with the weights stacked would give (q, k and v; gate and up), without stacking
+    them. A fused [q + 2 kv, D] matrix would have to be copied together at every load, because a
+    hub checkpoint stores them apart (k, o, q, v in name order): 12% of a Llama's weights.
+
+    A module with no parameters of its own, so that a faster product can take its place
+    (``tracer/fast.py``: one call for all of them).
+    """
+
+    def forward(self, x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+        return torch.cat([F.linear(x, m.weight, m.bias) for m in layers], dim=-1)
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, Hkv, S, hd] -> [B, Hkv * n_rep, S, hd]: each KV head serves n_rep query heads (GQA)."""
     if n_rep == 1:
         return x
     B, Hkv, S, hd = x.shape
     return x[:, :, None].expand(B, Hkv, n_rep, S, hd).reshape(B, Hkv * n_rep, S, hd)
-
-
-def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """Explicit attention weights [B, H, T, S] (softmax in float32), for when the pattern is wanted."""
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-
-
-def _masked_decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """One decode token's attention over every cache slot, the hidden ones masked (LlamaModel.step).
-
-    q [B, Hkv, n_rep, hd], k/v [B, Hkv, S, hd], visible [1, S]. Written as plain products and sums
-    rather than SDPA so that torch.compile fuses the whole attention into a few loops (a fifth of a
-    small model's step on the CPU); float32 inside, as SDPA does for float16.
-    """
-    f32 = torch.float32
-    scores = (q.to(f32)[:, :, :, None, :] * k.to(f32)[:, :, None, :, :]).sum(-1) * scale  # [B, Hkv, n_rep, S]
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return (probs[..., None] * v.to(f32)[:, :, None, :, :]).sum(-2).to(q.dtype)  # [B, Hkv, n_rep, hd]
 
 
 def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
@@ -247,6 +222,34 @@ def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
     return cols <= rows
 
 
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Explicit attention weights [B, H, T, S] (softmax in float32), for when the pattern is wanted."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention [B, H, T, hd] of q [B, H, T, hd] (positions from ``start``) over k/v
+    [B, Hkv, start + T, hd], on torch's fused attention (no pattern materialised)."""
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    if T == 1:
+        # One decode token sees every key, so no mask: the n_rep query heads sharing a KV head
+        # become n_rep query rows of one attention call (same math as repeat_kv, without copying
+        # the cache; several times faster on the CPU, where SDPA is slow for one query row).
+        z = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, scale=scale)
+        return z.reshape(B, H, 1, hd)
+    # Prefill from position 0 is plainly causal; a chunk after a past needs the rectangular mask.
+    mask = causal_mask(T, start, q.device) if start > 0 else None
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=H != Hkv
+    )
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads, RoPE and a KV cache."""
 
@@ -260,85 +263,55 @@ class Attention(nn.Module):
         )
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
-        # q_proj, k_proj and v_proj: three matrices, one product (stacked_linear). A fused
-        # [q + 2 kv, D] matrix would have to be copied together at every load, because a hub
-        # checkpoint stores them apart (k, o, q, v in name order): 12% of a Llama's weights.
         D, bias = cfg.hidden_size, cfg.attention_bias
-        self.wq = Linear(D, self.q_size, bias=bias, device=device, dtype=dtype)
-        self.wk = Linear(D, self.kv_size, bias=bias, device=device, dtype=dtype)
-        self.wv = Linear(D, self.kv_size, bias=bias, device=device, dtype=dtype)
-        self.wo = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.wq = nn.Linear(D, self.q_size, bias=bias, device=device, dtype=dtype)
+        self.wk = nn.Linear(D, self.kv_size, bias=bias, device=device, dtype=dtype)
+        self.wv = nn.Linear(D, self.kv_size, bias=bias, device=device, dtype=dtype)
+        self.qkv = Stacked()  # q_proj, k_proj and v_proj: three matrices, one product
+        self.wo = nn.Linear(self.q_size, D, bias=bias, device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        # Decode attention on tracer/attend.py's kernel (LlamaModel.set_matvec), for caches of at
-        # least kernel_min_keys key elements per layer.
-        self.use_kernel, self.kernel_min_keys = False, attend.MIN_KEYS
         self.hook_q, self.hook_k, self.hook_v, self.hook_pattern, self.hook_z, self.hook_out = (
             HookPoint(block_point(layer, p))
             for p in ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out")
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        start: int | torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, cache: KVCache | None
     ) -> torch.Tensor:
-        """Attention output [B, T, D] for ``x`` [B, T, D] at positions from ``start``.
+        """Attention output [B, T, D] for ``x`` [B, T, D] at positions ``start``..start + T - 1.
 
-        ``kv`` is this layer's cache (:meth:`KVCache.layer`), or None for no cache. The layer gets
-        its own tensors rather than the whole cache and its index, so that nothing in here depends
-        on which layer it is: one compiled graph then serves every layer (``tracer/fast.py``).
+        With a ``cache`` the new keys and values are stored in it and the tokens attend to every
+        position so far; without one they attend to each other only.
         """
+        q, k, v = self.project(x, cos, sin)  # [B, H, T, hd], [B, Hkv, T, hd], [B, Hkv, T, hd]
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # [B, Hkv, S, hd], S = start + T
+        if self.hook_pattern.fns:
+            # Explicit probabilities, only for layers whose pattern someone asked for.
+            n_rep = self.n_heads // self.n_kv
+            mask = causal_mask(q.shape[2], start, x.device)
+            probs = self.hook_pattern(attention_probs(q, repeat_kv(k, n_rep), mask, self.scale))  # [B, H, T, S]
+            z = torch.matmul(probs, repeat_kv(v, n_rep))  # [B, H, T, hd]
+        else:
+            z = sdpa_attention(q, k, v, start, self.scale)  # [B, H, T, hd]
+        return self.output(z)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, H, T, hd] and keys, values [B, Hkv, T, hd] of ``x`` [B, T, D]: the
+        projections, RoPE on queries and keys, and their hook points."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
-        qkv = stacked_linear(x, (self.wq, self.wk, self.wv), use_kernel=self.use_kernel)  # [B, T, q + 2 kv]
-        qkv = qkv.view(B, T, H + 2 * Hkv, hd)  # [B, T, H+2*Hkv, hd]
+        qkv = self.qkv(x, self.wq, self.wk, self.wv).view(B, T, H + 2 * Hkv, hd)  # [B, T, H+2*Hkv, hd]
         qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # [B, T, H+Hkv, hd], [B, T, Hkv, hd]
         # q and k heads are rotated together: one set of RoPE ops serves both.
         q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)  # [B, T, H, hd], [B, T, Hkv, hd]
-        q = self.hook_q(q)  # [B, T, H, hd]
-        k = self.hook_k(k)  # [B, T, Hkv, hd]
-        v = self.hook_v(v)  # [B, T, Hkv, hd]
+        return self.hook_q(q).transpose(1, 2), self.hook_k(k).transpose(1, 2), self.hook_v(v).transpose(1, 2)
 
-        q = q.transpose(1, 2)  # [B, H, T, hd]
-        k = k.transpose(1, 2)  # [B, Hkv, T, hd]
-        v = v.transpose(1, 2)  # [B, Hkv, T, hd]
-        if kv is not None:
-            k, v = write_kv(*kv, start, k, v)  # [B, Hkv, S, hd], S = start + T
-        n_rep = H // Hkv
-        # With a tensor position (LlamaModel.step) k/v are every cache slot: hide the slots after
-        # this token. A hidden key gets weight exactly 0, so the result is the same.
-        visible = None if isinstance(start, int) else (torch.arange(k.shape[2], device=x.device) <= start)[None]
-
-        if self.hook_pattern.fns:
-            # Explicit path, only for layers whose pattern someone asked for.
-            mask = causal_mask(T, start, x.device) if visible is None else visible
-            k = repeat_kv(k, n_rep)  # [B, H, S, hd]
-            v = repeat_kv(v, n_rep)  # [B, H, S, hd]
-            probs = self.hook_pattern(attention_probs(q, k, mask, self.scale))  # [B, H, T, S]
-            z = torch.matmul(probs, v)  # [B, H, T, hd]
-        elif T == 1:
-            # One decode token sees every key, so no mask (but step's, for unwritten slots): the
-            # n_rep query heads sharing a KV head become n_rep query rows of one attention call
-            # (same math as repeat_kv, without copying the cache; several times faster on the CPU,
-            # where SDPA is slow for one query row).
-            q = q.reshape(B, Hkv, n_rep, hd)  # [B, Hkv, n_rep, hd]: head h = kv * n_rep + r
-            if visible is None:
-                z = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, Hkv, n_rep, hd]
-            elif self.use_kernel and Hkv * k.shape[2] * hd >= self.kernel_min_keys and attend.fits(q, k, v, start):
-                # The same math on the CPU kernel, which reads only the slots written so far.
-                z = attend.decode_attention(q, k, v, start, self.scale)  # [B, Hkv, n_rep, hd]
-            else:
-                z = _masked_decode_attention(q, k, v, visible, self.scale)  # [B, Hkv, n_rep, hd]
-            z = z.reshape(B, H, 1, hd)  # [B, H, 1, hd]
-        else:
-            # Prefill from position 0 is plainly causal; a chunk after a past needs the mask.
-            mask = causal_mask(T, start, x.device) if start > 0 else None
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=n_rep > 1
-            )  # [B, H, T, hd]
+    def output(self, z: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs ``z`` [B, H, T, hd] side by side, through o_proj: [B, T, D]."""
+        B, _, T, _ = z.shape
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, hd]
         return self.hook_out(self.wo(z.reshape(B, T, self.q_size)))  # [B, T, D]
 
@@ -350,16 +323,15 @@ class MLP(nn.Module):
         super().__init__()
         self.ffn = cfg.intermediate_size
         D, bias = cfg.hidden_size, cfg.mlp_bias
-        self.w_gate = Linear(D, self.ffn, bias=bias, device=device, dtype=dtype)
-        self.w_up = Linear(D, self.ffn, bias=bias, device=device, dtype=dtype)
-        self.w_down = Linear(self.ffn, D, bias=bias, device=device, dtype=dtype)
-        self.use_kernel = False  # see LlamaModel.set_matvec
+        self.w_gate = nn.Linear(D, self.ffn, bias=bias, device=device, dtype=dtype)
+        self.w_up = nn.Linear(D, self.ffn, bias=bias, device=device, dtype=dtype)
+        self.gate_up = Stacked()
+        self.w_down = nn.Linear(self.ffn, D, bias=bias, device=device, dtype=dtype)
         self.hook_act = HookPoint(block_point(layer, "mlp.act"))
         self.hook_out = HookPoint(block_point(layer, "mlp.out"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = stacked_linear(x, (self.w_gate, self.w_up), use_kernel=self.use_kernel)  # [B, T, 2F]
-        gate, up = gate_up.split(self.ffn, dim=-1)  # [B, T, F] each
+        gate, up = self.gate_up(x, self.w_gate, self.w_up).split(self.ffn, dim=-1)  # [B, T, F] each
         act = self.hook_act(F.silu(gate) * up)  # [B, T, F]
         return self.hook_out(self.w_down(act))  # [B, T, D]
 
@@ -386,9 +358,9 @@ class Block(nn.Module):
             self.hook_resid_mid, self.hook_ln2, m.hook_act, m.hook_out, self.hook_resid_post,
         ]
 
-    def forward(self, x, cos, sin, start, kv):
-        """This layer's output [B, T, D]; ``kv`` is its (keys, values) cache or None (see Attention)."""
-        h = x + self.attn(self.hook_ln1(self.ln1(x)), cos, sin, start, kv)
+    def forward(self, x, cos, sin, start: int, cache: KVCache | None):
+        """This layer's output [B, T, D] (see :meth:`Attention.forward` for ``start`` and ``cache``)."""
+        h = x + self.attn(self.hook_ln1(self.ln1(x)), cos, sin, start, cache)
         h = self.hook_resid_mid(h)
         out = h + self.mlp(self.hook_ln2(self.ln2(h)))
         return self.hook_resid_post(out)
@@ -400,21 +372,16 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, device=None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = cfg
+        D, V = cfg.hidden_size, cfg.vocab_size
         # _weight skips nn.Embedding's random init: the loader (or init_weights) fills it, and
         # normal_ on the meta device would import torch._dynamo, about 2 s of a first load.
-        self.embed = nn.Embedding(
-            cfg.vocab_size, cfg.hidden_size,
-            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype),
-        )
+        self.embed = nn.Embedding(V, D, _weight=torch.empty(V, D, device=device, dtype=dtype))
         self.blocks = nn.ModuleList(Block(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
-        # Tied embeddings: the output projection reuses the input embedding matrix.
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
-        )
-        self.use_kernel = False  # see set_matvec
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
+        self.lm_head = nn.Linear(D, V, bias=False, device=device, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            # Tied embeddings: the output projection is the input embedding matrix, one Parameter.
+            self.lm_head.weight = self.embed.weight
         self.hook_embed = HookPoint("embed")
         self.hook_final_norm = HookPoint("final_norm")
         self.hook_logits = HookPoint("logits")
@@ -433,44 +400,25 @@ class LlamaModel(nn.Module):
         return self.embed.weight.device
 
     def output_weight(self) -> torch.Tensor:
-        """The [V, D] matrix that turns a hidden state into logits (lm_head, or the embedding)."""
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        """The [V, D] matrix that turns a hidden state into logits (lm_head's, maybe the embedding)."""
+        return self.lm_head.weight
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """final_norm then lm_head — also what the logit lens applies to each layer's residual."""
-        return self._lm_head(self.final_norm(h))
-
-    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(h, self.output_weight(), use_kernel=self.use_kernel)
-
-    def set_matvec(self, mode: str = "auto") -> str:
-        """Choose what computes one-row products (batch-1 decode): "auto", "kernel" or "torch".
-
-        "kernel" (and "auto" where it can be built: x86-64 with AVX2 and a C compiler) runs them
-        on ``matvec.c``, which reads weights at the memory's rate on the CPU; "torch" keeps
-        ``F.linear`` everywhere. Prompts (several rows) and GPU tensors always use torch.
-        Returns what is in use: "kernel" or "torch".
-        """
-        if mode not in ("auto", "kernel", "torch"):
-            raise ValueError(f"matvec must be 'auto', 'kernel' or 'torch', not {mode!r}")
-        k = kernel()
-        if mode == "kernel" and not k.available:
-            raise DeviceError(f"matvec='kernel' asked for, but {k.reason}; use matvec='auto' or 'torch'")
-        use = mode != "torch" and k.available and self.device.type == "cpu"
-        self.use_kernel = use
-        for m in self.modules():
-            if isinstance(m, (Linear, Attention, MLP)):
-                m.use_kernel = use
-        return "kernel" if use else "torch"
+        return self.lm_head(self.final_norm(h))
 
     def allocate(self, device) -> LlamaModel:
         """Give every parameter of a model built on the meta device uninitialised storage on
         ``device`` (as ``nn.Module.to_empty`` does, but without the half second that its first
-        call spends importing torch's symbolic-shape machinery). Returns the model."""
+        call spends importing torch's symbolic-shape machinery). A tied parameter stays one
+        parameter. Returns the model."""
+        allocated: dict[int, nn.Parameter] = {}
         for module in self.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                storage = torch.empty(p.shape, dtype=p.dtype, device=device)
-                setattr(module, name, nn.Parameter(storage, requires_grad=p.requires_grad))
+                if id(p) not in allocated:
+                    storage = torch.empty(p.shape, dtype=p.dtype, device=device)
+                    allocated[id(p)] = nn.Parameter(storage, requires_grad=p.requires_grad)
+                setattr(module, name, allocated[id(p)])
         return self
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
@@ -502,32 +450,14 @@ class LlamaModel(nn.Module):
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # [1, T, 1, hd], for every layer
 
         h = self.hook_embed(self.embed(input_ids))  # [B, T, D]
-        for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, start, None if cache is None else cache.layer(i))
+        for block in self.blocks:
+            h = block(h, cos, sin, start, cache)
         if cache is not None:
             cache.length = start + T
         if last_only:
             h = h[:, -1:]  # [B, 1, D]
         h = self.hook_final_norm(self.final_norm(h))
-        return self.hook_logits(self._lm_head(h))  # [B, T, V]
-
-    def step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, V] for one decode token [B, 1] at ``position`` (a [1] long tensor).
-
-        The same math as ``forward(token, cache, last_only=True)``, written for ``torch.compile``
-        (as gpt-fast does): the position is a tensor, not a Python int, and attention spans the
-        whole preallocated cache with the unwritten slots masked, so every step has the same
-        shapes and one compiled graph serves them all. It does not read or advance
-        ``cache.length`` (an int that would be baked into the graph); the caller does that.
-        Hooks are called as in ``forward``, but a compiled step must not be used while any is attached.
-        """
-        cos = cache.cos.index_select(0, position)[None, :, None, :]  # [1, 1, 1, hd]
-        sin = cache.sin.index_select(0, position)[None, :, None, :]
-        h = self.hook_embed(self.embed(token))  # [B, 1, D]
-        for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, position, cache.layer(i))
-        h = self.hook_final_norm(self.final_norm(h))
-        return self.hook_logits(self._lm_head(h))[:, -1]  # [B, V]
+        return self.hook_logits(self.lm_head(h))  # [B, T, V]
 
 
 @torch.no_grad()

@@ -13,10 +13,19 @@
  */
 #include "widen.h"
 
-/* Limits the caller checks (tracer/attend.py): hd a multiple of 8 up to 256, n_rep up to 16
- * (the query rows are widened once, into a buffer on the stack). */
+/* Limits the caller checks (tracer/attend.py's fits): hd a multiple of HD_STEP (eight-lane loads)
+ * up to MAX_HD, n_rep up to MAX_REP (the query rows are widened once, into a buffer on the stack). */
 #define MAX_HD 256
+#define HD_STEP 8
 #define MAX_REP 16
+
+/* The limits above, exported so that Python reads them here instead of repeating the numbers
+ * (tracer/kernels/library.py). */
+void attend_limits(long *max_hd, long *hd_step, long *max_rep) {
+    *max_hd = MAX_HD;
+    *hd_step = HD_STEP;
+    *max_rep = MAX_REP;
+}
 
 /* e^x for eight float32 lanes, as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2,
  * e^r from a polynomial, 2^n put straight into the exponent bits. Within 1 ulp of glibc's expf

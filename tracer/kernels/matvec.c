@@ -9,8 +9,8 @@
  * accumulation, rounded once at the end as torch does. Rows are split over OpenMP threads
  * (the same runtime torch uses, so the thread count is torch's).
  *
- * Built at first use by tracer/matvec.py with -mavx2 -mfma -mf16c; plain C with intrinsics, no
- * torch headers. Every function takes raw pointers to contiguous row-major data.
+ * Built at first use by tracer/kernels/build.py with -mavx2 -mfma -mf16c; plain C with
+ * intrinsics, no torch headers. Every function takes raw pointers to contiguous row-major data.
  */
 #include "widen.h"
 
@@ -31,9 +31,10 @@
  * Ws[p], and its results follow the previous part's in y. One call starts one thread team and
  * widens x once for all of them, and no matrix has to be copied next to another first (a hub
  * checkpoint stores q, k and v apart, and the loader maps weights rather than copying them).
- * Exported as matvec_* (one matrix) and matvec3_* (up to three; a part of 0 rows is skipped),
+ * Exported as matvec_* (one matrix) and matvec3_* (up to MAX_PARTS; a part of 0 rows is skipped),
  * with plain arguments: a Python caller building arrays would spend a few microseconds, as much
  * as a small model's product takes. */
+#define MAX_PARTS 3
 #define MATVEC(NAME, T)                                                                         \
     static void matvec_parts_##NAME(const T *const *Ws, const long *Ns, int parts,              \
                                     const T *x_in, T *y, long K, int threads) {                 \
@@ -84,10 +85,14 @@
     }                                                                                           \
     void matvec3_##NAME(const T *W0, long N0, const T *W1, long N1, const T *W2, long N2,       \
                         const T *x_in, T *y, long K, int threads) {                             \
-        const T *Ws[3] = {W0, W1, W2};                                                          \
-        long Ns[3] = {N0, N1, N2};                                                              \
-        matvec_parts_##NAME(Ws, Ns, 3, x_in, y, K, threads);                                    \
+        const T *Ws[MAX_PARTS] = {W0, W1, W2};                                                  \
+        long Ns[MAX_PARTS] = {N0, N1, N2};                                                      \
+        matvec_parts_##NAME(Ws, Ns, MAX_PARTS, x_in, y, K, threads);                            \
     }
+
+/* How many matrices one matvec3_* call takes (its W0..W2 arguments), exported so that Python
+ * reads it here (tracer/kernels/library.py). */
+long matvec_max_parts(void) { return MAX_PARTS; }
 
 MATVEC(f32, float)
 MATVEC(f16, uint16_t)

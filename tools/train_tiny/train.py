@@ -48,7 +48,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     eval_every: int = 100
     seed: int = 1234
-    threads: int = 2
+    threads: int = 2  # torch threads; set by the entry point (__main__), recorded in the card
 
     def model_config(self) -> LlamaConfig:
         """The LlamaConfig these settings describe (what config.json will say)."""
@@ -155,8 +155,8 @@ def train(
     Log rows: step, train_loss (mean over the steps since the previous row), heldout_loss, lr,
     seconds (wall time since the start of training).
     """
-    torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
+    # No process-wide settings here (threads, global seed): the entry point (__main__) makes them.
+    # Weights and data order use their own seeded generators.
     cfg = s.model_config()
     model = LlamaModel(cfg, device="cpu", dtype=torch.float32)
     init_weights(model, torch.Generator().manual_seed(s.seed))

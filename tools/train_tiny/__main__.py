@@ -1,10 +1,13 @@
-"""``python -m tracer.train_tiny``: rebuild the embedded model from scratch.
+"""``python -m tools.train_tiny``: rebuild the embedded model from scratch.
 
-    python -m tracer.train_tiny                       # the shipped recipe (~30 min on 2 CPU cores)
-    python -m tracer.train_tiny --card-only           # rewrite MODEL_CARD.md and the plot
-    python -m tracer.train_tiny --text-file t.txt --tiny --steps 20 --out /tmp/m   # a quick check
+    python -m tools.train_tiny                       # the shipped recipe (~30 min on 2 CPU cores)
+    python -m tools.train_tiny --card-only           # rewrite MODEL_CARD.md and the plot
+    python -m tools.train_tiny --text-file tools/train_tiny/smoke.txt --tiny --steps 12 \
+        --no-card --workdir /tmp/w --out /tmp/m      # a smoke run: seconds, no downloads
 
-Progress goes to stdout (this CLI is the one place in the package that prints).
+Run from a clone of the repository: the recipe is not part of the installed package, and by
+default it rewrites this repository's tracer/embedded/. Progress goes to stdout. Process-wide
+settings (torch threads, the global seed) are made here, in the entry point, and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from tracer.train_tiny.train import TrainSettings
+import torch
+
+from tools.train_tiny.train import TrainSettings
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "llama-tracer" / "train_tiny"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "embedded"
+# The source tree's embedded model (tools/train_tiny/ -> the repository root -> tracer/embedded).
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "tracer" / "embedded"
 
 # A model small enough to train in seconds, for tests and smoke runs on a few KB of text.
 TINY_OVERRIDES = dict(
@@ -30,11 +36,11 @@ TINY_OVERRIDES = dict(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; see the module docstring."""
-    p = argparse.ArgumentParser(prog="python -m tracer.train_tiny", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.train_tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="downloads, corpus, tokenizer and fp32 weights (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the hub-style folder to write (default: the package's embedded/)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the hub-style folder to write (default: %(default)s)")
     p.add_argument("--text-file", type=Path, help="train on this plain-text file instead of downloading the corpus")
     p.add_argument("--tiny", action="store_true", help="a very small model (for tests and smoke runs)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
@@ -69,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = parse_args(argv)
     # Imported here so that --help is instant.
-    from tracer.train_tiny import pipeline
-    from tracer.train_tiny.corpus import corpus_from_text, prepare_corpus
+    from tools.train_tiny import pipeline
+    from tools.train_tiny.corpus import corpus_from_text, prepare_corpus
 
     if args.card_only:
-        from tracer.train_tiny import card
+        from tools.train_tiny import card
 
         summary = json.loads((args.workdir / pipeline.SUMMARY_FILE).read_text(encoding="utf-8"))
         card.write_card(args.out, summary)
@@ -81,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     settings = settings_from_args(args)
+    # The process is ours: pin torch's thread count (float sums depend on how work is split)
+    # and seed the global RNG, so the same command gives the same losses.
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
     if args.text_file is not None:
         corpus = corpus_from_text(args.text_file.read_text(encoding="utf-8"), args.text_file.stem)
     else:
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_card:
         # Imported only now: the card samples text with the runtime, and a long run should pick
         # up the card code as it is when training ends.
-        from tracer.train_tiny import card
+        from tools.train_tiny import card
 
         card.write_card(args.out, summary)
         print(f"wrote {args.out / card.CARD_FILE}", flush=True)

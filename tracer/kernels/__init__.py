@@ -1,0 +1,20 @@
+"""The CPU kernels: C sources built, at first use, into one library that torch code calls.
+
+- ``matvec.c``: one-row matrix products (batch-1 decode) and a few rows at once (16-bit prompts)
+- ``attend.c``: one decode token's attention over the KV cache's written slots
+- ``widen.h``: what both need (16-bit floats widened to float32, rounded back as torch rounds)
+
+- :mod:`.build`: the compiler, the cache folder, a lock so that concurrent processes build once,
+  a time limit on every compiler call; :func:`library` is the entry point
+- :mod:`.library`: the built library through ctypes, and the limits its C code exports
+- :mod:`.ops`: its calls on tensors, and as torch operators for torch.compile (registered on
+  first use)
+
+When to use them is decided elsewhere: ``tracer.matvec`` and ``tracer.attend`` say which products
+and attentions fit, ``tracer.fast.use_kernels`` swaps them into a model.
+"""
+
+from .build import library
+from .library import Library, Limits
+
+__all__ = ["Library", "Limits", "library"]

@@ -1,0 +1,133 @@
+"""The built library through ctypes: its functions, one per storage dtype, and the limits it exports.
+
+Every function takes raw pointers to contiguous row-major data and the thread count (torch's, so
+that the kernels' OpenMP team is as large as torch's own). The limits (how many matrices one
+product call takes, which head sizes and how many query heads per KV head the attention takes) are
+read from the library's own ``*_limits`` exports, so that no number is repeated here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The dtypes the library has functions for, and the suffix of their names (matvec_f16, ...).
+SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# The several-row product (matmat_*) exists for 16-bit weights only: float32's torch matmul is a good BLAS.
+ROWS_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the C code takes, as it reports it (``matvec_max_parts``, ``attend_limits``)."""
+
+    max_parts: int  # matrices in one product call (q, k and v)
+    max_head_dim: int  # attention: head_dim at most this ...
+    head_dim_step: int  # ... and a multiple of this
+    max_rep: int  # attention: query heads per KV head
+
+    @classmethod
+    def read(cls, lib: ctypes.CDLL) -> Limits:
+        lib.matvec_max_parts.restype = ctypes.c_long
+        hd, step, rep = ctypes.c_long(), ctypes.c_long(), ctypes.c_long()
+        lib.attend_limits(ctypes.byref(hd), ctypes.byref(step), ctypes.byref(rep))
+        return cls(lib.matvec_max_parts(), hd.value, step.value, rep.value)
+
+
+_P, _N, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+# name: (dtypes, argument types, result type) of each family of functions.
+_SIGNATURES = {
+    "matvec": (SUFFIX, [_P, _P, _P, _N, _N, _I], None),
+    "matvec3": (SUFFIX, [_P, _N, _P, _N, _P, _N, _P, _P, _N, _I], None),
+    "matmat": (ROWS_DTYPES, [_P, _P, _P, _N, _N, _N, _I], _I),
+    "attend": (SUFFIX, [_P, _P, _P, _P, _P, _N, _N, _N, _N, _N, ctypes.c_float, _I], _I),
+}
+
+
+class Library:
+    """The loaded library (:meth:`open`), or why there is none (``Library(None, reason)``)."""
+
+    def __init__(self, path: Path | None, reason: str = "") -> None:
+        self.path, self.reason = path, reason
+        self.limits: Limits | None = None
+        self._fns: dict[str, dict[torch.dtype, ctypes._CFuncPtr]] = {}
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None
+
+    @classmethod
+    def open(cls, path: Path) -> Library:
+        """Load ``path`` and bind every function now, so that a library that will not load means
+        "no kernel" (with the reason), not a crash at the first product."""
+        built = cls(path)
+        try:
+            lib = ctypes.CDLL(str(path))
+            for name, (dtypes, argtypes, restype) in _SIGNATURES.items():
+                built._fns[name] = {dtype: _bind(lib, f"{name}_{SUFFIX[dtype]}", argtypes, restype) for dtype in dtypes}
+            built.limits = Limits.read(lib)
+        except (OSError, AttributeError) as e:
+            return cls(None, f"could not load {path}: {e}; delete it to rebuild")
+        return built
+
+    def run(
+        self, x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor
+    ) -> torch.Tensor:
+        """out[n] = weight[n] . x, for contiguous x [K], weight [N, K], out [N] of one dtype.
+
+        Up to ``limits.max_parts`` weights (q, k and v: [N_i, K] each) are one call, their results
+        one after another in out [sum N_i].
+        """
+        threads = torch.get_num_threads()
+        if isinstance(weights, torch.Tensor) or len(weights) == 1:
+            w = weights if isinstance(weights, torch.Tensor) else weights[0]
+            self._fns["matvec"][w.dtype](w.data_ptr(), x.data_ptr(), out.data_ptr(), *w.shape, threads)
+            return out
+        if len(weights) > self.limits.max_parts:
+            raise ValueError(f"the kernel takes up to {self.limits.max_parts} matrices per call, not {len(weights)}")
+        parts = []  # (pointer, rows) of each part; an absent part has no rows
+        for w in weights:
+            parts += (w.data_ptr(), w.shape[0])
+        parts += (None, 0) * (self.limits.max_parts - len(weights))
+        self._fns["matvec3"][weights[0].dtype](*parts, x.data_ptr(), out.data_ptr(), weights[0].shape[1], threads)
+        return out
+
+    def run_rows(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[t] = weight @ x[t] for contiguous x [T, K], weight [N, K], out [T, N] (16-bit)."""
+        N, K = weight.shape
+        status = self._fns["matmat"][weight.dtype](
+            weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, x.shape[0], torch.get_num_threads()
+        )
+        if status != 0:
+            raise MemoryError(f"matvec kernel: no memory for a {x.shape[0]} x {K} float32 buffer")
+        return out
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, scale: float,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """out = softmax(q . k[:, :p+1] * scale) . v[:, :p+1], p = position[0] (``attend.c``).
+
+        q and out are contiguous [Hkv, n_rep, hd]; k and v are [Hkv, S, hd] with contiguous rows
+        (one stride between heads); position is a one-element int64 tensor.
+        """
+        Hkv, n_rep, hd = q.shape
+        status = self._fns["attend"][q.dtype](
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), position.data_ptr(),
+            Hkv, n_rep, hd, k.shape[1], k.stride(0), scale, torch.get_num_threads(),
+        )
+        if status == -2:
+            raise IndexError(f"attention kernel: position {int(position)} is outside the cache's {k.shape[1]} slots")
+        if status != 0:
+            raise MemoryError(f"attention kernel: no memory for {n_rep} x {int(position) + 1} float32 scores")
+        return out
+
+
+def _bind(lib: ctypes.CDLL, name: str, argtypes: list, restype) -> ctypes._CFuncPtr:
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
