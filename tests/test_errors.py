@@ -329,3 +329,88 @@ def test_fp16_overflow_is_named_under_every_policy(ws, capture, do_sample):
     kw = {"points": ["logits"]} if capture == "full" else {}
     with pytest.raises(NumericsError, match="blocks.1.mlp.out"):
         llm.generate("Hello there", max_new_tokens=2, capture=capture, do_sample=do_sample, **kw)
+
+
+# --- CLI mistakes: one line, exit 2, the flag to type -------------------------------------------
+
+
+def _one_line_error(r) -> str:
+    """The CLI's answer to a mistake: exit 2, nothing on stdout, one 'error: ...' line on stderr."""
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.stdout == ""
+    return lines[0]
+
+
+def test_cli_unknown_hook_point_names_the_flag_and_close_names(tmp_path):
+    r = _cli("trace", "--points", "block.0.attn.pattern", "--capture", "full", "--prompt", "x",
+             "--out", str(tmp_path / "t"))
+    line = _one_line_error(r)
+    assert "--points" in line and "'block.0.attn.pattern'" in line
+    assert "did you mean 'blocks.0.attn.pattern'?" in line
+    assert not (tmp_path / "t").exists()
+
+
+def test_cli_hook_layer_out_of_range_says_the_range(tmp_path):
+    layers = tracer.load(progress=False).config.num_hidden_layers
+    r = _cli("trace", "--points", f"blocks.{layers}.resid_post", "--capture", "full", "--prompt", "x",
+             "--out", str(tmp_path / "t"))
+    assert f"layers are 0 to {layers - 1}" in _one_line_error(r)
+
+
+def test_unknown_hook_point_is_a_trace_error_in_the_api(tiny_llm):
+    """The same error from the API: a TraceError (and a KeyError: a failed lookup by name)."""
+    with pytest.raises(TraceError, match=r"did you mean 'blocks\.\*\.attn\.pattern'\?") as err:
+        tiny_llm.generate("x", max_new_tokens=1, capture="full", points="blocks.*.attn.patern")
+    assert isinstance(err.value, KeyError) and "\n" not in str(err.value)
+    assert not str(err.value).startswith('"')  # not KeyError's quoted str
+    with pytest.raises(TraceError, match="'embed'"):
+        tiny_llm.model.hooks["embd"]
+
+
+def test_cli_points_without_full_capture_names_the_flag(tmp_path):
+    r = _cli("trace", "--points", "blocks.0.attn.pattern", "--prompt", "x", "--out", str(tmp_path / "t"))
+    line = _one_line_error(r)
+    assert "--capture full" in line and "capture='full'" not in line
+
+
+def test_cli_sampling_mistake_names_the_greedy_flag():
+    r = _cli("generate", "--prompt", "x", "--sample", "--temperature", "0")
+    line = _one_line_error(r)
+    assert "--greedy" in line and "do_sample" not in line
+
+
+def test_cli_budget_message_names_the_budget_flag(tmp_path):
+    r = _cli("trace", "--capture", "full", "--points", "blocks.*", "--budget-mb", "0.01", "--prompt", "x",
+             "--max-new-tokens", "1", "--out", str(tmp_path / "t"))
+    line = _one_line_error(r)
+    assert "--budget-mb" in line and "--capture light" in line and "budget_bytes" not in line
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cli_debug_before_or_after_the_command(where):
+    cmd = ["generate", "--model", "/nonexistent", "--prompt", "x"]
+    r = _cli(*(["--debug", *cmd] if where == "before" else [*cmd, "--debug"]))
+    assert r.returncode == 2
+    assert "Traceback" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize(("api", "cli"), [
+    ("use greedy decoding (do_sample=False)", "use greedy decoding (--greedy)"),
+    ("kept only with capture='full'", "kept only with --capture full"),
+    ("over budget_bytes=536.9 MB. Raise", "over --budget-mb 536.9. Raise"),
+    ("give points=['blocks.0.ln1']", "give --points ['blocks.0.ln1']"),
+    ("add a chat_template.jinja or use chat=False", "add a chat_template.jinja or leave out --chat"),
+    ("system= is a chat message: pass chat=True with it", "--system is a chat message: pass --chat with it"),
+    ("load with dtype='bfloat16' or 'float32'", "load with --dtype bfloat16 or float32"),
+    ("use device='cpu' or 'auto'", "use --device cpu or auto"),
+    ("use matvec='auto' or 'torch'", "use --matvec auto or torch"),
+    ("pick one with gguf_file=NAME (--gguf-file)", "pick one with --gguf-file NAME"),
+    ("pass token=... or log in", "pass --token TOKEN (or set HF_TOKEN) or log in"),
+    ("torch_dtype='float16' in config.json", "torch_dtype='float16' in config.json"),  # a field, not an argument
+])
+def test_cli_writes_api_arguments_as_flags(api, cli):
+    from tracer.cli import in_cli_words
+
+    assert in_cli_words(api) == cli

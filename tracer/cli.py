@@ -1,13 +1,15 @@
 """Command line: ``python -m tracer generate|trace|info``.
 
 Errors the tracer understands (``TracerError``) print one line and exit with status 2; ``--debug``
-shows the traceback too.
+(before or after the command) shows the traceback too. The library's messages name keyword
+arguments (``do_sample=False``); the CLI shows them as the flags to type (``--greedy``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 
@@ -24,8 +26,44 @@ WALKTHROUGH = {
 }
 WALKTHROUGH_SYSTEM = "You are a helpful, respectful and honest assistant."
 
+# The library's words for a setting, in its error messages -> the flag a CLI user types. Applied
+# in order to every error line the CLI prints (see in_cli_words).
+API_TO_FLAGS = (
+    (r"\bdo_sample=False\b", "--greedy"),
+    (r"\bdo_sample=True\b", "--sample"),
+    (r"\bcapture='(\w+)'", r"--capture \1"),
+    (r"\bbudget_bytes=([\d.]+) MB", r"--budget-mb \1"),
+    (r"\bpoints=", "--points "),
+    (r"\buse chat=False\b", "leave out --chat"),
+    (r"\bchat=True\b", "--chat"),
+    (r"\bsystem=", "--system"),
+    (r"\b(device|dtype|matvec)=('[\w:.]+'(?: or '[\w:.]+')*)", lambda m: f"--{m[1]} " + m[2].replace("'", "")),
+    (r"\bgguf_file=NAME \(--gguf-file\)", "--gguf-file NAME"),
+    (r"\btoken=\.\.\.", "--token TOKEN (or set HF_TOKEN)"),
+)
+
+
+def in_cli_words(message: str) -> str:
+    """An error message with the API's keyword arguments written as CLI flags (:data:`API_TO_FLAGS`)."""
+    for pattern, flag in API_TO_FLAGS:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
+def _positive_mb(text: str) -> int:
+    """--budget-mb: megabytes (1e6 bytes, as the budget message counts them) -> bytes."""
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not mb > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of MB, got {text!r}")
+    return int(mb * 1e6)
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given after the command it sets args.debug; absent, the top-level default stays.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.add_argument("--model", default=None,
                    help="'smollm2' (a real chat model, offline), a folder, a .gguf file or a hub repo id "
                         "(default: the small embedded model)")
@@ -74,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="trace folder to write")
     t.add_argument("--capture", default="light", choices=["light", "full"])
     t.add_argument("--points", action="append", default=[], help="hook-point glob (with --capture full)")
+    t.add_argument("--budget-mb", dest="budget_bytes", type=_positive_mb, default=None, metavar="MB",
+                   help="most MB of tensors --capture full keeps (default 512 MiB)")
     t.add_argument("--lens", action="store_true", help="record the logit lens per layer")
 
     i = sub.add_parser("info", help="show a checkpoint's config and memory arithmetic")
@@ -109,21 +149,45 @@ def _load(args):
                 compile=getattr(args, "compile", False), matvec=args.matvec)
 
 
+def _check_capture(args) -> None:
+    """What the library would refuse in the capture flags (--points without --capture full, a
+    point name that matches nothing) fails before the weights load: minutes for a 7B model."""
+    from .generate import CaptureOptions
+    from .hooks import HookPoint, HookRegistry, point_names
+
+    CaptureOptions(policy=args.capture, points=tuple(args.points))
+    if not args.points:
+        return
+    _, cfg = _read_config(args)
+    registry = HookRegistry(HookPoint(n) for n in point_names(cfg.num_hidden_layers))
+    try:
+        registry.select(args.points)
+    except TracerError as exc:
+        raise type(exc)(f"--points: {exc}") from exc
+
+
+def _read_config(args):
+    """The checkpoint the model flags name, and its config (no weights read)."""
+    from .api import embedded_path
+    from .checkpoint import read_config
+    from .resolution import resolve
+
+    resolved = resolve(args.model or embedded_path(), revision=args.revision, token=args.token,
+                       gguf_file=args.gguf_file)
+    return resolved, read_config(resolved)
+
+
 def run(args) -> int:
     """Execute a parsed command; returns the exit status."""
     if args.command == "info":
-        from .api import embedded_path
-        from .checkpoint import read_config
-        from .resolution import resolve
-
-        resolved = resolve(args.model or embedded_path(), revision=args.revision, token=args.token,
-                           gguf_file=args.gguf_file)
-        cfg = read_config(resolved)
+        resolved, cfg = _read_config(args)
         print(json.dumps({"resolve": resolved.summary(), "config": cfg.summary(),
                           "memory": cfg.memory_table()}, indent=2, default=str))
         return 0
+    kw = _generation_kwargs(args)  # contradictory flags fail before the load
+    if args.command == "trace":
+        _check_capture(args)
     llm = _load(args)
-    kw = _generation_kwargs(args)
     if args.command == "generate":
         gen = llm.generate(args.prompt, capture="off", **kw)
         if args.json:
@@ -132,7 +196,8 @@ def run(args) -> int:
         else:
             print(gen.text)
         return 0
-    gen = llm.generate(args.prompt, capture=args.capture, points=tuple(args.points), lens=args.lens, **kw)
+    gen = llm.generate(args.prompt, capture=args.capture, points=tuple(args.points), lens=args.lens,
+                       budget_bytes=args.budget_bytes, **kw)
     path = gen.trace.save(args.out)
     print(gen.text)
     print(f"trace: {len(gen.trace)} events ({', '.join(dict.fromkeys(gen.trace.stages))}) -> {path}",
@@ -148,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except TracerError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_cli_words(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -31,12 +31,16 @@ logits                     [B, T, V]               lm_head output
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import TraceError
 
 BLOCK_POINTS = (
     "ln1",
@@ -86,6 +90,43 @@ def point_names(num_layers: int) -> list[str]:
     for i in range(num_layers):
         names += [block_point(i, p) for p in BLOCK_POINTS]
     return names + list(TOP_POINTS_AFTER)
+
+
+class UnknownHookPoint(TraceError, KeyError):
+    """A hook point name or glob that matches no point. A :class:`TraceError` (one line, with the
+    close names), and a ``KeyError`` too: it is a failed lookup by name."""
+
+    __str__ = TraceError.__str__  # KeyError's own would print the message in quotes
+
+
+# A layer index inside a name ("blocks.12.ln1"): names differ by it only, so close matches are
+# looked for among the names with it replaced by "*", then it is put back.
+_LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def unknown_point(pattern: str, names: Iterable[str]) -> UnknownHookPoint:
+    """The error for a ``pattern`` matching none of ``names``, naming the closest ones."""
+    names = list(names)
+    layers = sorted({int(m.group()) for n in names if (m := _LAYER.search(n))})
+    typed = _LAYER.search(pattern)
+    generic = _LAYER.sub("*", pattern)
+    shapes = list(dict.fromkeys(_LAYER.sub("*", n) for n in names))
+    if typed and generic in shapes:  # the right point, a layer the model lacks
+        hint = (f"this model's layers are {layers[0]} to {layers[-1]}." if layers else "this model has no blocks.")
+    else:
+        close = _closest(generic, shapes)
+        if typed:
+            close = [c.replace("*", typed.group(), 1) for c in close]
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "no name is close to it."
+    return UnknownHookPoint(f"no hook point matches {pattern!r}; {hint} Names look like 'embed', "
+                            "'blocks.0.attn.pattern', 'blocks.*.resid_post', 'logits' (see tracer.hooks)")
+
+
+def _closest(word: str, candidates: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` candidates close to ``word``: the best, and those nearly as close (difflib)."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
+    best = scored[0][0] if scored else 0.0
+    return [c for r, c in scored[:n] if r >= 0.6 and r >= best - 0.05]
 
 
 # A hook function sees the tensor and the point's name; it returns None (read only) or a
@@ -152,6 +193,8 @@ class HookRegistry:
         return iter(self.points)
 
     def __getitem__(self, name: str) -> HookPoint:
+        if name not in self.points:
+            raise unknown_point(name, self.points)
         return self.points[name]
 
     def select(self, patterns: str | Iterable[str]) -> list[str]:
@@ -162,10 +205,7 @@ class HookRegistry:
         for pat in patterns:
             hits = [n for n in self.points if fnmatch.fnmatchcase(n, pat)]
             if not hits:
-                raise KeyError(
-                    f"no hook point matches {pat!r}; names look like 'embed', "
-                    "'blocks.0.attn.pattern', 'blocks.3.resid_post', 'logits' (see tracer.hooks)"
-                )
+                raise unknown_point(pat, self.points)
             chosen += [h for h in hits if h not in chosen]
         return [n for n in self.points if n in chosen]  # forward order
 
