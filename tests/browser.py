@@ -355,6 +355,9 @@ def screenshot(
             )
             page.wait_for_timeout(700)
             grown = True
+        # From the top: after Run All the notebook is scrolled to its last cell.
+        panel.evaluate("p => { (p.querySelector('.jp-WindowedPanel-outer') || p).scrollTop = 0; }")
+        page.wait_for_timeout(100)
     page.screenshot(path=str(path), full_page=True)
     if grown:
         page.set_viewport_size(size)

@@ -114,3 +114,37 @@ def test_invalid_settings_are_refused_with_a_message(bad):
 
 def test_stage_names_are_in_transformers_order():
     assert sampling.STAGES == ("raw", "repetition_penalty", "temperature", "top_k", "top_p", "final")
+
+
+def test_kept_counts_surviving_tokens_and_mass_kept_their_share_of_the_previous_stage():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, -1.0]])
+    cut = sampling.apply_top_k(scores, 2)  # the tie at the 2nd best survives: 2 asked, 2 kept
+    assert sampling.kept(scores).tolist() == [5] and sampling.kept(cut).tolist() == [2]
+    before = torch.softmax(scores, -1)
+    assert sampling.mass_kept(before, cut).item() == pytest.approx(before[0, 1:3].sum().item())
+    assert sampling.mass_kept(before, scores).item() == pytest.approx(1.0)
+    tie = sampling.apply_top_k(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), 1)
+    assert sampling.kept(tie).item() == 2  # ties survive top-k
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_stage_effects_follow_each_stage_on_the_whole_vocabulary(params):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 500, generator=g) * 3
+    previous = torch.randint(0, 500, (1, 30), generator=g)
+    stages = sampling.stage_scores(logits, previous, sampling.SamplingSettings(do_sample=True, **params))
+    effects = sampling.stage_effects(stages)
+    assert list(effects) == list(sampling.STAGES)
+    assert effects["raw"] == (500, 1.0) and effects["temperature"][0] == 500
+    k, p = params["top_k"], params["top_p"]
+    assert effects["top_k"][0] == (min(k, 500) if k else 500)  # random scores: no ties
+    assert effects["top_p"][1] >= p - 1e-6  # top-p keeps at least p of the mass it was given
+    assert effects["final"][0] == int((stages["final"] > 0).sum()) == effects["top_p"][0]
+    # the share kept is the previous stage's probability summed over the survivors
+    before = torch.softmax(stages["top_k"], -1)[0]
+    assert effects["top_p"][1] == pytest.approx(before[torch.isfinite(stages["top_p"][0])].sum().item())
+
+
+def test_penalized_ids_are_the_distinct_ids_so_far_unless_the_penalty_is_off():
+    assert sampling.penalized_ids([5, 3, 5, 9], 1.3) == {3, 5, 9}
+    assert sampling.penalized_ids([5, 3, 5, 9], 1.0) == set()

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 import tracer
 from tracer.config import LlamaConfig
-from tracer.viz import TraceExplorer, patterns_of, plots, tables
+from tracer.viz import TraceExplorer, patterns_of, plots, tables, tokens
 from tracer.viz.attention import AttentionExplorer
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -56,9 +56,9 @@ def test_weights_memory_llama2_7b_numbers():
     fig = plots.weights_memory(LLAMA2_7B, name="Llama-2-7B", kv_tokens=4096)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["float32", "float16", "bfloat16"]
-    assert "6.74e9" in ax.get_title() and ax.get_xlabel().startswith("GB")
-    rows = tables.fits_table(LLAMA2_7B, gpus={"small": 12, "big": 80})
-    assert rows[0]["float16"].startswith("no") and rows[1]["float32"].startswith("yes")
+    assert "6.74 billion parameters" in ax.get_title(loc="left") and ax.get_xlabel().startswith("GB")
+    rows = tables.fits_table(LLAMA2_7B, gpus={"small": 12, "big": 80})  # rows[0]: what is needed
+    assert rows[1]["float16"].startswith("no") and rows[2]["float32"].startswith("yes")
     parts = tables.params_table(LLAMA2_7B)
     assert parts[-1]["parameters"] == "6,738,415,616"
 
@@ -84,16 +84,23 @@ def test_prefill_plots_residual_norms_attention_and_lens(llm, recorded):
     assert list(pats) == [0, 1] and pats[0].shape == (8, len(pieces), len(pieces))
     fig = plots.attention_heatmap(pats[1][3], pieces, pieces, title="layer 1 head 3")
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == plots.labels(pieces)
-    assert [t.get_text() for t in ax.get_yticklabels()] == plots.labels(pieces)
+    # The renderer's labels, between its marks (a lone "," stays visible), and its legend below.
+    marked = [tokens.quoted(x) for x in plots.labels(pieces)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == marked
+    assert [t.get_text() for t in ax.get_yticklabels()] == marked
+    assert tokens.LEGEND["▁"] in fig.get_supxlabel()
     assert ax.get_title() == "layer 1 head 3" and "key" in ax.get_xlabel() and "query" in ax.get_ylabel()
     fig = plots.attention_heads(pats[0], pieces, llm.config, layer=0)
     assert sum(1 for a in fig.axes if a.get_title()) == 8 and "q head 5 (kv 1)" in titles(fig)
     assert "GQA" in plots.gqa_groups(llm.config).axes[0].get_title()
     fig = plots.logit_lens(pre, llm.tokenizer.id_to_piece)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["layer 0", "layer 1"]
+    best = pre.logit_lens[0]
+    cell = fig.axes[0].texts[0].get_text()  # layer 0's top guess
+    assert cell == f"{tokens.quoted(plots.label(llm.tokenizer.id_to_piece(best['ids'][0]), 10))} {best['probs'][0]:.2f}"
     rows = tables.logit_lens_rows(pre, llm.tokenizer.id_to_piece)
     assert [r["layer"] for r in rows] == [0, 1] and "#1" in rows[0]
+    assert rows[0]["#1"] == f"{tokens.quoted(llm.tokenizer.id_to_piece(best['ids'][0]))} {best['probs'][0]:.3f}"
     kv = tables.kv_cache_rows(recorded.trace.events)
     assert [r["event"] for r in kv] == ["prefill"] + ["decode_step"] * 3
     assert kv[0]["K (and V) per layer [B, Hkv, S, hd]"] == str([1, 2, len(pieces), 8])

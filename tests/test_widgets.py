@@ -8,7 +8,7 @@ import pytest
 from test_viz import viz_checkpoint
 
 from tracer.viz import StepperApp
-from tracer.viz.widgets import token_texts, tokens_html
+from tracer.viz.widgets import NO_STEP, token_texts, tokens_html
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,10 @@ def n_tokens(app) -> int:
     return app.text.value.count("class='tracer-token'")
 
 
-def step_number(app) -> int:
+def step_number(app) -> int | None:
+    """The step the header names (steps count from 0, as in the trace); None before the first."""
+    if app.step_label.value == NO_STEP:
+        return None
     return int(re.fullmatch(r"step (\d+)", app.step_label.value).group(1))
 
 
@@ -30,8 +33,11 @@ def test_css_classes_and_initial_state(llm):
                            app.plot, app.step_label) for c in w._dom_classes}
     assert {"tracer-next", "tracer-run10", "tracer-reset", "tracer-branch", "tracer-text",
             "tracer-dist-plot", "tracer-step-count"} <= classes
-    assert step_number(app) == 0 and n_tokens(app) == 0
+    assert step_number(app) is None and n_tokens(app) == 0
     assert app.plot.outputs[0]["data"]["image/png"]  # a placeholder image before the first step
+    assert app.branch_button.disabled  # nothing to branch from yet
+    app.next_button.click()
+    assert not app.branch_button.disabled
     assert "application/vnd.jupyter.widget-view+json" in app._repr_mimebundle_()
     assert app.last_error is None
 
@@ -41,10 +47,10 @@ def test_next_run_branch_reset(llm):
     for i in range(1, 3):  # one token per click; the plot image changes each time
         before = app.plot.outputs
         app.next_button.click()
-        assert step_number(app) == i and n_tokens(app) == i and len(app.decoder.new_ids) == i
+        assert step_number(app) == i - 1 and n_tokens(app) == i and len(app.decoder.new_ids) == i
         assert app.plot.outputs != before and app.plot.outputs[0]["data"]["image/png"]
     app.run_button.click()
-    assert step_number(app) == 12 and n_tokens(app) == 12 and app.progress.max == 10
+    assert step_number(app) == 11 and n_tokens(app) == 12 and app.progress.max == 10
 
     # Branch at step 5 with a token other than the one taken.
     a = app.branches["A"]
@@ -55,17 +61,18 @@ def test_next_run_branch_reset(llm):
     assert set(app.branches) == {"A", "B"} and app.active.value == "B"
     b = app.branches["B"]
     assert b.new_ids[:5] == a.new_ids[:5] and b.new_ids[5] == token != a.new_ids[5]
-    assert step_number(app) == 6 and n_tokens(app) == 6  # the text shows the active branch
+    assert step_number(app) == 5 and n_tokens(app) == 6  # the text shows the active branch
     assert app.compare_box.layout.display == "flex"
     assert app.compare_text.value.count("tracer-cmp-token") == 12 + 6
     assert app.compare_step.value == 5 and app.compare_plot.outputs
     app.next_button.click()  # continues B
     assert len(b.new_ids) == 7 and len(a.new_ids) == 12 and app.differing_steps() == [5, 6]
     app.active.value = "A"
-    assert step_number(app) == 12
+    assert step_number(app) == 11
 
     app.reset_button.click()
-    assert step_number(app) == 0 and n_tokens(app) == 0 and list(app.branches) == ["A"]
+    assert step_number(app) is None and n_tokens(app) == 0 and list(app.branches) == ["A"]
+    assert app.branch_button.disabled
     assert app.compare_box.layout.display == "none"
     assert app.last_error is None
 
@@ -86,7 +93,7 @@ def test_knobs_reach_the_decoder_settings(llm):
     ev = app.decoder.trace.of("sample")[-1]
     assert ev.chosen_rank == 0 and ev.settings["do_sample"] is False
     app.seed.value = 3  # a new seed restarts
-    assert step_number(app) == 0 and app.decoder.seed == 3 and app.decoder.settings.do_sample is False
+    assert step_number(app) is None and app.decoder.seed == 3 and app.decoder.settings.do_sample is False
     assert app.last_error is None
 
 
@@ -100,7 +107,7 @@ def test_same_seed_same_tokens(llm):
 def test_errors_are_shown_kept_and_raised(llm):
     app = StepperApp(llm, "It is a truth", max_new_tokens=2, seed=0)
     app.run_button.click()  # stops at max_new_tokens
-    assert step_number(app) == 2 and app.next_button.disabled and "finished" in app.status.value
+    assert step_number(app) == 1 and app.next_button.disabled and "finished" in app.status.value
     with pytest.raises(RuntimeError, match="finished"):
         app.next_token()
     assert isinstance(app.last_error, RuntimeError) and "finished" in app.error.value
@@ -122,3 +129,38 @@ def test_token_texts_and_html(llm):
 
     out = tokens_html(tok, prompt, [Rec()], [tok.encode(" x", add_bos=False)[-1]])
     assert out.count("class='tracer-token'") == 1 and "chosen by you" in out
+
+
+def test_one_step_numbering_everywhere(llm):
+    """Header, panel title, branch menus and token tooltips name a token by the same step (from 0,
+    the trace's ``step``)."""
+    app = StepperApp(llm, "It is a truth", max_new_tokens=10, seed=0)
+    for _ in range(3):
+        app.next_button.click()
+    last = app.decoder.trace.of("sample")[-1].step
+    assert last == 2 and step_number(app) == last
+    assert app.plot.outputs[0]["data"]["text/plain"].startswith(f"step {last}: ")  # the figure's title
+    assert [v for _, v in app.at_step.options] == [0, 1, 2]
+    assert [text.split(":")[0] for text, _ in app.at_step.options] == ["step 0", "step 1", "step 2"]
+    assert re.findall(r"title='step (\d+):", app.text.value) == ["0", "1", "2"]
+    app.at_step.value = 1
+    app.branch_button.click()
+    app.next_button.click()
+    (label, value), *_ = app.compare_step.options
+    assert value == 1 and label.startswith("step 1: A ")
+    assert app.compare_plot.outputs[0]["data"]["text/plain"].startswith("step 1: ")
+
+
+def test_greedy_steps_draw_greedy_panels(llm):
+    app = StepperApp(llm, "It is a truth", max_new_tokens=10, seed=0, do_sample=False)
+    app.next_button.click()
+    ev = app.decoder.trace.of("sample")[-1]
+    fig = app.stage_figure(ev)
+    assert len(fig.axes) == 3 and "greedy" in app.plot.outputs[0]["data"]["text/plain"]
+
+
+def test_labels_are_not_cut(llm):
+    """Dropdown descriptions are shown in full ("take instead" used to read "take inste…")."""
+    app = StepperApp(llm, "It is a truth", max_new_tokens=10, seed=0)
+    for w in (app.at_step, app.candidates, app.compare_step):
+        assert w.style.description_width == "initial"

@@ -9,7 +9,8 @@ sampling stages and choose. The next forward happens only when the next token is
 trace reads prefill, sample, (decode_step, sample) x (n - 1).
 
 Tracing stays out of the hot path: ``capture="off"`` records nothing; ``"light"`` takes each
-stage's top-k on the device and copies it to the host once per step; ``"full"`` also keeps tensors
+stage's top-k, every stage's values at one common list of candidates and what each stage kept on
+the device, and copies them to the host once per step; ``"full"`` also keeps tensors
 at the chosen hook points, within a byte budget checked before each forward.
 """
 
@@ -280,50 +281,20 @@ class Decoder:
     def _record_sample(self, stages, drawn, step, force_id, started, t0):
         """Record the sample event from one host copy; return the token (forced, ``drawn`` or
         greedy), its final probability and its rank."""
-        logits = stages["raw"]  # [1, V]
-        V = logits.shape[-1]
-        k = min(self.capture.top_k, V)
-        # Rank every distinct score stage in one topk call (greedy passes one tensor through
-        # several stages). "final" is the softmax of the last score stage, so it shares its ranking
-        # and serves as that stage's probabilities.
         names = sampling.STAGES[:-1]
-        distinct = {id(stages[n]): stages[n] for n in names}  # [1, V] each; insertion order = row order
-        row_of = {key: i for i, key in enumerate(distinct)}
-        U = len(distinct)
-        scores = stages["raw"] if U == 1 else torch.cat(list(distinct.values()))  # [U, V]
-        top = torch.topk(scores, k)  # [U, k]
-        softmaxes = stages["final"] if U == 1 else torch.softmax(scores, dim=-1)  # [U, V]
-        top_p = softmaxes.gather(-1, top.indices)
-        # One device -> host copy per step for everything the event shows (cat promotes the ids
-        # to float32, exact below 2**24): the top-k rows, the candidates left, the logits' sum
-        # (finite if every logit is, barring fp32 overflow, which the exact check clears), and a
-        # drawn token. Batch 1, so the candidates are counted over the whole [1, V] (count_nonzero
-        # with dim= takes three times as long).
-        parts = [top.indices.view(-1), top.values.view(-1), top_p.view(-1),
-                 torch.count_nonzero(stages["final"]).view(1), logits.sum(-1)]
-        if drawn is not None:
-            parts.append(drawn.view(1))
-        host = torch.cat(parts).tolist()
-        n_left_i, total = int(host[3 * U * k]), host[3 * U * k + 1]  # after the three [U, k] blocks
-        if not math.isfinite(total):
-            self._check_finite(logits[0], step)
-        rows = []
-        for r in range(U):
-            ids = list(map(int, host[r * k : (r + 1) * k]))
-            vals = host[(U + r) * k : (U + r + 1) * k]
-            probs = host[(2 * U + r) * k : (2 * U + r + 1) * k]
-            rows.append((ids, vals, probs))
-        stage_table = {}
-        for name in names:
-            ids, vals, probs = rows[row_of[id(stages[name])]]
-            stage_table[name] = {"ids": ids, "scores": vals, "probs": probs}
+        V = stages["raw"].shape[-1]
+        k = min(self.capture.top_k, V)
+        host = _StageCopy(stages, drawn, force_id, k)
+        if not math.isfinite(host.total):
+            self._check_finite(stages["raw"][0], step)
+        stage_table = {name: host.top(stages[name]) for name in names}
         # softmax keeps the order: final's top-k is the last score stage's, its scores the probs.
-        ids, vals, probs = rows[row_of[id(stages[names[-1]])]]
+        ids, vals, probs = host.rows[host.row_of[id(stages[names[-1]])]]
         stage_table["final"] = {"ids": ids, "scores": probs, "probs": probs}
         if force_id is not None:
             token_id = force_id
         elif drawn is not None:
-            token_id = int(host[3 * U * k + 2])
+            token_id = host.drawn
         elif V == 1 or (k > 1 and vals[0] > vals[1]):
             token_id = ids[0]  # the greedy pick: a strict maximum is the top-1
         else:
@@ -340,17 +311,25 @@ class Decoder:
             rank_i = int((final > prob).sum())
         if self._settings_json[0] is not self.settings:  # settings are frozen: convert once per change
             self._settings_json = (self.settings, asdict(self.settings))
+        candidate_ids, at_candidates = host.at_candidates(stages, token_id)
+        hit = sampling.penalized_ids(self.ids, self.settings.repetition_penalty)
         event = SampleEvent(
             time=started,
             step=step,
             settings=dict(self._settings_json[1]),
             stages=stage_table,
-            candidates=n_left_i,
+            candidates=host.nonzero,
             chosen_id=token_id,
             chosen_piece=self.piece(token_id),
             chosen_rank=rank_i,
             chosen_prob=prob,
             forced=force_id is not None,
+            candidate_ids=candidate_ids,
+            at_candidates=at_candidates,
+            kept=host.kept_by_stage(stages),
+            mass_kept=host.mass_by_stage(stages),
+            penalized=len(hit),
+            penalized_ids=[i for i in candidate_ids if i in hit],
         )
         event.seconds = time.perf_counter() - t0
         forward = self.trace.events[-1]
@@ -415,6 +394,91 @@ def _cache_summary(cache: KVCache) -> dict:
         "bytes_used": cache.bytes_used(),
         "bytes_allocated": cache.bytes_allocated,
     }
+
+
+class _StageCopy:
+    """Everything a ``sample`` event shows about the stages, brought to the host in ONE copy.
+
+    Each distinct score stage is a row (greedy passes one tensor through several stages, ranked
+    once): its top-k (ids, scores, probabilities); every stage read at one common list of
+    candidates (the top-k after the repetition penalty, which the warpers never reorder, plus the
+    drawn or forced token), so a plot can show a cut token where it was; the tokens each stage
+    keeps and the share of the previous stage's probability they hold (tracer.sampling's
+    ``kept`` and ``mass_kept``); the tokens left with non-zero probability; the logits' sum
+    (finite if every logit is, barring fp32 overflow, which the exact check clears); the drawn id.
+    ``cat`` promotes ids and counts to float32, exact below 2**24. Batch 1, so counts run over the
+    whole [1, V] (count_nonzero with dim= takes three times as long).
+    """
+
+    def __init__(self, stages, drawn, force_id, k: int) -> None:
+        distinct = {id(stages[n]): stages[n] for n in sampling.STAGES[:-1]}  # insertion order = rows
+        self.row_of = {key: i for i, key in enumerate(distinct)}
+        U = len(distinct)
+        scores = stages["raw"] if U == 1 else torch.cat(list(distinct.values()))  # [U, V]
+        top = torch.topk(scores, k)  # [U, k]
+        softmaxes = stages["final"] if U == 1 else torch.softmax(scores, dim=-1)  # [U, V]
+        cand = top.indices[self.row_of[id(stages["repetition_penalty"])]]
+        chosen = drawn if force_id is None else torch.tensor(force_id, device=scores.device)
+        if chosen is not None:
+            cand = torch.cat([cand, chosen.view(1)])
+        at = cand.expand(U, -1)
+        parts = [top.indices, top.values, softmaxes.gather(-1, top.indices), scores.gather(-1, at),
+                 softmaxes.gather(-1, at), sampling.kept(scores), sampling.mass_kept(softmaxes[:-1], scores[1:]),
+                 torch.count_nonzero(stages["final"]), stages["raw"].sum()]
+        if drawn is not None:
+            parts.append(drawn)
+        host = torch.cat([p.reshape(-1) for p in parts]).tolist()  # the one device -> host copy
+        m = cand.numel()
+        ids, vals, probs, at_s, at_p, kept, mass, rest = _split(host, [U * k] * 3 + [U * m] * 2 + [U, U - 1])
+        self.rows = [(list(map(int, ids[r * k:(r + 1) * k])), vals[r * k:(r + 1) * k], probs[r * k:(r + 1) * k])
+                     for r in range(U)]
+        self._at = [(at_s[r * m:(r + 1) * m], at_p[r * m:(r + 1) * m]) for r in range(U)]
+        self._kept, self._mass = [int(n) for n in kept], mass
+        self.nonzero, self.total = int(rest[0]), rest[1]
+        self.drawn = int(rest[2]) if drawn is not None else None
+
+    def top(self, stage_scores) -> dict[str, list]:
+        ids, vals, probs = self.rows[self.row_of[id(stage_scores)]]
+        return {"ids": ids, "scores": vals, "probs": probs}
+
+    def at_candidates(self, stages, chosen_id: int) -> tuple[list[int], dict[str, dict[str, list]]]:
+        """The candidate ids and each stage's scores and probabilities there; the chosen token's
+        extra column is dropped when it is among the top-k already."""
+        ids = self.rows[self.row_of[id(stages["repetition_penalty"])]][0]
+        # (A greedy pick outside the top-k, a tie at the top with top_k=1, has no column: left out.)
+        m = min(len(ids) + (chosen_id not in ids), len(self._at[0][0]))
+        out = {}
+        for name in sampling.STAGES[:-1]:
+            s, p = self._at[self.row_of[id(stages[name])]]
+            out[name] = {"scores": s[:m], "probs": p[:m]}
+        last = out[sampling.STAGES[-2]]["probs"]
+        out[sampling.STAGES[-1]] = {"scores": last, "probs": last}
+        return (ids + [chosen_id])[:m], out
+
+    def kept_by_stage(self, stages) -> dict[str, int]:
+        names = sampling.STAGES[:-1]
+        out = {name: self._kept[self.row_of[id(stages[name])]] for name in names}
+        out[sampling.STAGES[-1]] = out[names[-1]]  # the softmax draws from what the last stage kept
+        return out
+
+    def mass_by_stage(self, stages) -> dict[str, float]:
+        """A stage that passed its input on (greedy's warpers, a knob at its neutral value) keeps all."""
+        names = sampling.STAGES[:-1]
+        out = {names[0]: 1.0}
+        for before, name in zip(names, names[1:]):
+            same = stages[name] is stages[before]
+            out[name] = 1.0 if same else self._mass[self.row_of[id(stages[name])] - 1]
+        out[sampling.STAGES[-1]] = 1.0
+        return out
+
+
+def _split(flat: list, sizes: list[int]) -> list[list]:
+    """``flat`` cut into consecutive pieces of the given sizes, then the rest."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(flat[start:start + n])
+        start += n
+    return [*out, flat[start:]]
 
 
 class _Recorder:

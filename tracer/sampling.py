@@ -132,6 +132,41 @@ def choose(
 
 
 # ---------------------------------------------------------------------------------------------
+# What a stage did: the numbers the stepper's panels state
+
+
+def kept(scores: torch.Tensor) -> torch.Tensor:
+    """How many tokens a score stage leaves in play (score not FILTERED), per row."""
+    return (scores != FILTERED).sum(-1)
+
+
+def mass_kept(prev_probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The share of the previous stage's probability (``prev_probs``) held by the tokens that
+    ``scores`` keeps, per row: 1 for a stage that removes nothing, at least p for top-p."""
+    return prev_probs.masked_fill(scores == FILTERED, 0.0).sum(-1)
+
+
+def penalized_ids(previous_ids, penalty: float) -> set[int]:
+    """The ids the repetition penalty lowers: every distinct id so far (none when it is 1.0)."""
+    return set() if penalty == 1.0 else set(previous_ids)
+
+
+def stage_effects(stages: dict[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
+    """Stage name -> (tokens kept, share of the previous stage's probability kept) for one row of
+    :func:`stage_scores`, over the whole vocabulary. ``final`` is a softmax: it draws from what
+    the last score stage kept, and removes nothing."""
+    out: dict[str, tuple[int, float]] = {}
+    before = None
+    for name in STAGES[:-1]:
+        scores = stages[name]
+        share = 1.0 if before is None else float(mass_kept(probabilities(before), scores).sum())
+        out[name] = (int(kept(scores).sum()), share)
+        before = scores
+    out[STAGES[-1]] = (out[STAGES[-2]][0], 1.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The chain
 
 

@@ -225,6 +225,17 @@ class SampleEvent(Event):
     chosen_rank: int = 0  # 0 = the most likely under the final distribution
     chosen_prob: float = 0.0
     forced: bool = False  # picked by the user (a branch), not drawn
+    # Every stage seen on one common list of tokens, so that a plot shows a token where it was
+    # when a stage cut it. Traces recorded before these fields existed load them empty.
+    # candidate_ids: the best after the repetition penalty, best first (the warpers never reorder
+    # them), then the chosen token if it is not among them.
+    candidate_ids: list[int] = field(default_factory=list)
+    # stage name -> {"scores": [...], "probs": [...]} at candidate_ids (-inf and 0 where cut)
+    at_candidates: dict[str, dict[str, list]] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)  # stage -> tokens left in play
+    mass_kept: dict[str, float] = field(default_factory=dict)  # stage -> share of the previous stage's probability kept
+    penalized: int = 0  # distinct ids the repetition penalty lowered (0 when it is 1.0)
+    penalized_ids: list[int] = field(default_factory=list)  # those among candidate_ids
 
 
 @dataclass

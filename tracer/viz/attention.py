@@ -27,8 +27,10 @@ def patterns_of(event: ForwardEvent) -> dict[int, torch.Tensor]:
 class AttentionExplorer:
     """Layer dropdown + head slider over recorded patterns; 'all heads' groups heads by KV head."""
 
-    def __init__(self, patterns: dict[int, torch.Tensor], pieces: list[str], cfg: LlamaConfig) -> None:
-        self.patterns, self.pieces, self.cfg = patterns, list(pieces), cfg
+    def __init__(self, patterns: dict[int, torch.Tensor], pieces: list[str], cfg: LlamaConfig, *,
+                 byte_level: bool = False) -> None:
+        """``byte_level``: the pieces are from a byte-level BPE vocabulary (``Tokenizer.byte_level``)."""
+        self.patterns, self.pieces, self.cfg, self.byte_level = patterns, list(pieces), cfg, byte_level
         H = next(iter(patterns.values())).shape[0]
         self.layer = W.Dropdown(options=list(patterns), description="layer").add_class("tracer-layer")
         self.head = W.IntSlider(value=0, min=0, max=H - 1, description="query head",
@@ -42,8 +44,9 @@ class AttentionExplorer:
         self.draw()
 
     @classmethod
-    def from_event(cls, event: ForwardEvent, pieces, cfg: LlamaConfig) -> AttentionExplorer:
-        return cls(patterns_of(event), pieces, cfg)
+    def from_event(cls, event: ForwardEvent, pieces, cfg: LlamaConfig, *,
+                   byte_level: bool = False) -> AttentionExplorer:
+        return cls(patterns_of(event), pieces, cfg, byte_level=byte_level)
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
@@ -63,5 +66,6 @@ class AttentionExplorer:
             fig = attention_heads(p, self.pieces[:S], cfg, layer=layer)
         else:
             fig = attention_heatmap(p[h], self.pieces[S - T:S], self.pieces[:S],
-                                    title=f"layer {layer}, query head {h} (KV head {kv})")
+                                    title=f"layer {layer}, query head {h} (KV head {kv})",
+                                    byte_level=self.byte_level)
         show_png(self.plot, fig)

@@ -11,21 +11,32 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import struct
 from dataclasses import replace
 
 import ipywidgets as W
 
 from ..trace import SampleEvent
-from .plots import compare_steps, label, new_figure, sampling_stages, to_png
+from .plots import compare_steps, new_figure, sampling_stages, to_png
+from .tokens import quoted
 
 BRANCH_NAMES = ("A", "B")
+NO_STEP = "no token yet"  # the step label before the first step
+TEXT_LINES = 4  # lines of text on show above the panels (the rest scrolls)
 
 
 def show_png(out: W.Output, fig) -> None:
-    """Replace an Output's content with the figure as a PNG (works in a kernel and in plain Python)."""
-    data = base64.b64encode(to_png(fig)).decode("ascii")
+    """Replace an Output's content with the figure as a PNG (works in a kernel and in plain Python).
+
+    The figure's title is the image's text (what a reader without the image gets, and what tests
+    read); the box keeps at least the image's height while the new one loads, so nothing jumps."""
+    png = to_png(fig)
+    width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR chunk: pixels
+    title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    out.layout.min_height = f"{height}px"
     out.outputs = ({"output_type": "display_data", "metadata": {},
-                    "data": {"image/png": data, "text/plain": f"<Figure {fig.get_size_inches()}>"}},)
+                    "data": {"image/png": base64.b64encode(png).decode("ascii"),
+                             "text/plain": title or f"<Figure {width}x{height} px>"}},)
 
 
 def token_texts(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> list[str]:
@@ -71,7 +82,11 @@ def tokens_html(tokenizer, prompt_ids, history, new_ids, *, cls: str = "tracer-t
                      f"style='background:{prob_colour(rec.prob)};border-radius:3px;{border}'>"
                      f"{html.escape(core)}</span>{html.escape(after)}")
     body = "".join(parts)
-    return f"<div style='font-family:monospace;white-space:pre-wrap;line-height:1.7'>{body}</div>"
+    # At most TEXT_LINES lines, scrolled to the end (column-reverse): the newest token stays in
+    # view as the text grows, and the panels below do not move down.
+    return (f"<div style='font-family:monospace;line-height:1.7;max-height:{1.7 * TEXT_LINES}em;"
+            "overflow-y:auto;display:flex;flex-direction:column-reverse'>"
+            f"<div style='white-space:pre-wrap'>{body}</div></div>")
 
 
 def sample_events(decoder) -> dict[int, SampleEvent]:
@@ -120,8 +135,8 @@ class StepperApp:
         self.branches: dict = {}
         self.branch_step: int | None = None  # where B left A
         self._busy = False
-        slider = {"continuous_update": False, "style": {"description_width": "140px"},
-                  "layout": W.Layout(width="380px")}
+        slider = {"continuous_update": False, "style": {"description_width": "125px"},
+                  "layout": W.Layout(width="340px")}
 
         self.next_button = W.Button(description="Next token", icon="step-forward").add_class("tracer-next")
         self.run_button = W.Button(description=f"Run {run_n}", icon="forward").add_class("tracer-run10")
@@ -137,23 +152,26 @@ class StepperApp:
         self.repetition_penalty = W.FloatSlider(value=repetition_penalty, min=1.0, max=2.0, step=0.05,
                                                 description="repetition penalty", **slider
                                                 ).add_class("tracer-repetition-penalty")
-        self.seed = W.IntText(value=seed, description="seed (restarts)", style=slider["style"],
-                              layout=W.Layout(width="260px")).add_class("tracer-seed")
+        self.seed = W.IntText(value=seed, description="seed (restarts)", style={"description_width": "initial"},
+                              layout=W.Layout(width="180px")).add_class("tracer-seed")
         self.progress = W.IntProgress(value=0, min=0, max=run_n, description="",
                                       layout=W.Layout(width="160px", visibility="hidden"))
-        self.step_label = W.Label("step 0").add_class("tracer-step-count")
+        self.step_label = W.Label(NO_STEP).add_class("tracer-step-count")
         self.status = W.Label("")
         self.error = W.HTML("").add_class("tracer-error")
         self.text = W.HTML("").add_class("tracer-text")
         self.plot = W.Output().add_class("tracer-dist-plot")
 
-        self.at_step = W.Dropdown(description="at step", options=[], layout=W.Layout(width="160px"))
-        self.candidates = W.Dropdown(description="take instead", options=[],
-                                     layout=W.Layout(width="320px")).add_class("tracer-candidates")
+        wide = {"style": {"description_width": "initial"}}  # the description in full, never cut
+        self.at_step = W.Dropdown(description="at", options=[], layout=W.Layout(width="250px"),
+                                  **wide).add_class("tracer-at-step")
+        self.candidates = W.Dropdown(description="take instead", options=[], layout=W.Layout(width="330px"),
+                                     **wide).add_class("tracer-candidates")
         self.branch_button = W.Button(description="Branch", icon="code-fork").add_class("tracer-branch")
         self.active = W.ToggleButtons(options=["A"], description="continue", style={"button_width": "50px"})
         self.compare_text = W.HTML("").add_class("tracer-compare-text")
-        self.compare_step = W.Dropdown(description="differs at", options=[], layout=W.Layout(width="420px"))
+        self.compare_step = W.Dropdown(description="compare", options=[], layout=W.Layout(width="460px"),
+                                       **wide).add_class("tracer-compare-step")
         self.compare_plot = W.Output().add_class("tracer-compare-plot")
 
         self.next_button.on_click(lambda _: self.next_token())
@@ -165,15 +183,16 @@ class StepperApp:
         self.seed.observe(lambda _: self.reset(), names="value")
         self.at_step.observe(lambda _: self._fill_candidates(), names="value")
         self.active.observe(self._on_active, names="value")
-        self.compare_step.observe(lambda _: self._draw_compare(), names="value")
+        # While an action renders, it draws the comparison once itself (menus refilled there fire too).
+        self.compare_step.observe(lambda _: None if self._busy else self._draw_compare(), names="value")
 
         legend = W.HTML("<small>Token colour: probability of the chosen token under the final "
-                        "distribution, red (unlikely) to green (likely); hover for id, p and rank; "
-                        "underlined = chosen by you.</small>")
+                        "distribution, red (unlikely) to green (likely); hover for its step, id, p and "
+                        "rank; underlined = chosen by you. Steps count from 0, as in the trace.</small>")
         controls = W.HBox([self.next_button, self.run_button, self.reset_button, self.progress,
                            self.step_label, self.status])
-        knobs = W.HBox([W.VBox([self.mode, self.seed]),
-                        W.VBox([self.temperature, self.top_k, self.top_p, self.repetition_penalty])])
+        knobs = W.HBox([W.VBox([self.temperature, self.top_k]), W.VBox([self.top_p, self.repetition_penalty]),
+                        W.VBox([self.mode, self.seed])])
         branch_row = W.HBox([self.at_step, self.candidates, self.branch_button, self.active])
         self.compare_box = W.VBox([W.HTML("<b>Branches side by side</b>"), self.compare_text,
                                    self.compare_step, self.compare_plot],
@@ -283,29 +302,42 @@ class StepperApp:
     def _enable(self, on: bool) -> None:
         finished = bool(self.branches) and self.decoder.finished
         self.next_button.disabled = self.run_button.disabled = (not on) or finished
-        self.reset_button.disabled = self.branch_button.disabled = not on
+        self.reset_button.disabled = not on
+        # Nothing to branch from before the first step.
+        self.branch_button.disabled = (not on) or not (self.branches and self.step_count)
 
     # --- drawing ------------------------------------------------------------------------------
     def _piece(self, i: int) -> str:
         return self.llm.tokenizer.id_to_piece(i)
 
+    def _quoted(self, i: int) -> str:
+        """A token for a dropdown or a label: the one renderer (tracer.viz.tokens), between marks."""
+        return quoted(self._piece(i), byte_level=self.llm.tokenizer.byte_level)
+
+    def stage_figure(self, event: SampleEvent):
+        """The stage panels of one ``sample`` event, as the app shows them."""
+        return sampling_stages(event, self._piece, top=self.top, byte_level=self.llm.tokenizer.byte_level)
+
     def _render(self) -> None:
         dec, tok = self.decoder, self.llm.tokenizer
         n = len(dec.new_ids)
-        self.step_label.value = f"step {n}"
+        # One numbering everywhere: a token's step, from 0 as in the trace (step 0 samples from
+        # the prefill's logits). The label names the step whose panels are shown.
+        self.step_label.value = f"step {n - 1}" if n else NO_STEP
         names = list(self.branches)
         self.status.value = (f"branch {self.active.value} of {'/'.join(names)}" if len(names) > 1 else "") + (
             f"  finished: {dec.finish_reason}" if dec.finished else "")
+        # The text first: each assignment reaches the browser at once, before the figure is drawn.
         self.text.value = tokens_html(tok, dec.prompt_ids, dec.history, dec.new_ids)
-        events = sample_events(dec)
         if n:
-            fig = sampling_stages(events[n - 1], self._piece, top=self.top)
+            fig = self.stage_figure(sample_events(dec)[n - 1])
         else:
             fig = new_figure(8, 1.2)
+            # Bold, like the panels' titles: the first click then finds that font loaded.
             fig.text(0.5, 0.5, f"{len(dec.prompt_ids)} prompt tokens ready. Press 'Next token': the prefill "
-                     "runs, then the sampling stages appear here.", ha="center", va="center")
+                     "runs, then the sampling stages appear here.", ha="center", va="center", fontweight="bold")
         show_png(self.plot, fig)
-        self.at_step.options = [(f"{s} ({label(self._piece(dec.new_ids[s]), 16)!r})", s) for s in range(n)]
+        self.at_step.options = [(f"step {s}: {self._quoted(dec.new_ids[s])}", s) for s in range(n)]
         self.at_step.value = n - 1 if n else None
         self._fill_candidates()
         self._render_compare()
@@ -317,7 +349,7 @@ class StepperApp:
             self.candidates.options = []
             return
         final = ev.stages["final"]
-        opts = [(f"{label(self._piece(i), 16)!r}  p={p:.3f}" + ("  (taken)" if i == ev.chosen_id else ""), i)
+        opts = [(f"{self._quoted(i)}  p={p:.3f}" + ("  (taken)" if i == ev.chosen_id else ""), i)
                 for i, p in zip(final["ids"][: self.top], final["probs"][: self.top], strict=True)]
         self.candidates.options = opts
         others = [i for _, i in opts if i != ev.chosen_id]
@@ -339,8 +371,7 @@ class StepperApp:
         steps = self.differing_steps()
         old = self.compare_step.value
         self.compare_step.options = [
-            (f"step {s}: A {label(self._piece(a.new_ids[s]), 12)!r} | B {label(self._piece(b.new_ids[s]), 12)!r}", s)
-            for s in steps]
+            (f"step {s}: A {self._quoted(a.new_ids[s])} | B {self._quoted(b.new_ids[s])}", s) for s in steps]
         self.compare_step.value = old if old in steps else (steps[0] if steps else None)
         self._draw_compare()
 
@@ -357,4 +388,5 @@ class StepperApp:
             self.compare_plot.outputs = ()
             return
         ev_a, ev_b = (sample_events(self.branches[n])[step] for n in BRANCH_NAMES)
-        show_png(self.compare_plot, compare_steps(ev_a, ev_b, self._piece, top=self.top))
+        show_png(self.compare_plot, compare_steps(ev_a, ev_b, self._piece, top=self.top,
+                                                  byte_level=self.llm.tokenizer.byte_level))
