@@ -33,13 +33,46 @@ LEGEND = {
     "⇥": "a tab",
     "␍": "a carriage return",
     "␣": "a space on its own",
-    "<0xNN>": "one byte of a character the vocabulary lacks (byte fallback)",
+    "<0xNN>": "one byte of a character the vocabulary lacks, or of one split across tokens",
 }
+
+
+@functools.cache
+def _byte_of_letter() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the letter a byte-level vocabulary writes -> the byte.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, 0x7F-0xA0, 0xAD)
+    are shifted to U+0100.. so that every byte has a visible letter (space -> Ġ, newline -> Ċ).
+    """
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(0x100 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+def _byte_level_text(piece: str) -> str | None:
+    """A byte-level piece as the text its bytes spell: ``Ã©`` -> ``é``, with a space kept as ``Ġ``
+    (it belongs to the piece: the lesson), bytes of a character split across pieces as ``<0xNN>``,
+    and None for a piece outside the alphabet (an added token such as a CJK word)."""
+    table = _byte_of_letter()
+    if not all(c in table for c in piece):
+        return None
+    # surrogateescape keeps each byte of an incomplete character as U+DC80+byte, found below.
+    text = bytes(table[c] for c in piece).decode("utf-8", errors="surrogateescape")
+    text = re.sub("[\udc80-\udcff]", lambda m: f"<0x{ord(m.group(0)) - 0xDC00:02X}>", text)
+    if text and not text.strip(" "):  # only spaces: a space on its own
+        return "␣" * len(text)
+    return text.replace(" ", "Ġ")
 
 
 def shown(piece: str, *, byte_level: bool = False) -> str:
     """``piece`` with newlines, tabs and lone spaces as visible signs (see :data:`LEGEND`);
-    ``byte_level``: the piece is from a byte-level BPE vocabulary (``Tokenizer.byte_level``)."""
+    ``byte_level``: the piece is from a byte-level BPE vocabulary (``Tokenizer.byte_level``), whose
+    letters are bytes: they are shown as the characters they spell (``Ã©`` -> ``é``)."""
+    text = _byte_level_text(piece) if byte_level else None
+    if text is not None:  # now plain text: its č is a Czech letter again, not a byte
+        piece, byte_level = text, False
     signs = {**_SIGNS, **_BYTE_LEVEL_SIGNS} if byte_level else _SIGNS
     text = (_BYTE_LEVEL_RE if byte_level else _SIGN_RE).sub(lambda m: signs[m.group(0)], piece)
     if text and not text.strip():  # only spaces: nothing would show
