@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 import tracer
+from tracer import dtypes, hooks
 
 from .machine import cpu_model
 from .speed import cpu_simd
 
-FULL_POINTS = ("blocks.0.attn.pattern", "blocks.*.resid_post", "logits")
+FULL_POINTS = (hooks.ATTN_PATTERN.at(0), hooks.RESID_POST.glob, hooks.LOGITS.at())
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
 
 
@@ -163,7 +164,7 @@ def dir_bytes(path: Path) -> int:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.trace_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="folder or repo id (default: the embedded model)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--dtype", default=dtypes.FLOAT32.name, choices=dtypes.RUNTIME)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)

@@ -136,3 +136,78 @@ def test_compiled_step_generates_the_same_tokens(tiny_checkpoint):
     with fast.model.hooks.record("blocks.0.attn.pattern") as rec:  # hooks active -> eager path
         fast.generate("The people", max_new_tokens=2, capture="off", do_sample=False)
     assert "blocks.0.attn.pattern" in rec
+
+
+# --- check_fits: what a GPU load and a generation need, against a mocked free-memory figure -----
+
+
+def _llama2_7b() -> LlamaConfig:
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, max_position_embeddings=4096, torch_dtype="float16")
+
+
+def _need(cfg, tokens, *, weights=True):
+    from tracer import api
+
+    return ((cfg.memory_bytes("float16") if weights else 0) + cfg.kv_cache_bytes(tokens, "float16")
+            + api.activation_bytes(cfg, tokens, "float16") + api.FIT_MARGIN_BYTES)
+
+
+def _memory(free, cached=0, total=80 * 10**9):
+    from tracer.api import DeviceMemory
+
+    return lambda device: DeviceMemory(free, total, cached)
+
+
+def test_check_fits_counts_the_kv_cache_activations_and_a_margin():
+    """Device: a mocked CUDA. The weights alone fit; the KV cache for the length asked decides."""
+    from tracer.api import LOAD_FIT_TOKENS, check_fits
+
+    cfg, cuda, fp16 = _llama2_7b(), torch.device("cuda"), torch.float16
+    assert cfg.kv_cache_bytes(4096, "float16") == 2 * 1024**3  # the walkthrough's "2 GB at 4096 tokens"
+    check_fits(cfg, cuda, fp16, memory=_memory(_need(cfg, LOAD_FIT_TOKENS)))  # a load: LOAD_FIT_TOKENS
+    with pytest.raises(DeviceError) as err:
+        check_fits(cfg, cuda, fp16, memory=_memory(_need(cfg, LOAD_FIT_TOKENS) - 1))
+    check_fits(cfg, cuda, fp16, tokens=512, memory=_memory(_need(cfg, 512)))
+    with pytest.raises(DeviceError) as err:
+        check_fits(cfg, cuda, fp16, tokens=4096, memory=_memory(_need(cfg, 512)))
+    msg = str(err.value)
+    assert "\n" not in msg and "device='cpu'" in msg and "smaller dtype" in msg
+    assert f"KV cache for 4096 tokens {cfg.kv_cache_bytes(4096, 'float16') / 1e9:.1f} GB" in msg
+    assert f"weights in float16 {cfg.memory_bytes('float16') / 1e9:.1f} GB" in msg
+    assert f"needs {_need(cfg, 4096) / 1e9:.1f} GB" in msg and f"has {_need(cfg, 512) / 1e9:.1f} GB free" in msg
+
+
+def test_check_fits_counts_what_the_caching_allocator_holds_unused():
+    """Device: a mocked CUDA. Reserved but unallocated memory (a notebook's dropped model) is free to us."""
+    from tracer.api import check_fits
+
+    cfg, cuda, fp16 = _llama2_7b(), torch.device("cuda"), torch.float16
+    need = _need(cfg, 1024)
+    check_fits(cfg, cuda, fp16, tokens=1024, memory=_memory(need - 5 * 10**9, cached=5 * 10**9))
+    with pytest.raises(DeviceError, match="5.0 GB torch's allocator holds unused"):
+        check_fits(cfg, cuda, fp16, tokens=1024, memory=_memory(need - 5 * 10**9 - 1, cached=5 * 10**9))
+
+
+def test_check_fits_for_a_generation_counts_no_weights_and_says_to_ask_for_fewer_tokens():
+    """Device: a mocked CUDA, the weights already there (Llama.decoder's check)."""
+    from tracer.api import check_fits
+
+    cfg, cuda = _llama2_7b(), torch.device("cuda")
+    free = _need(cfg, 2048, weights=False)
+    check_fits(cfg, cuda, torch.float16, tokens=2048, weights_loaded=True, memory=_memory(free))
+    with pytest.raises(DeviceError) as err:
+        check_fits(cfg, cuda, torch.float16, tokens=2049, weights_loaded=True, memory=_memory(free))
+    assert "max_new_tokens" in str(err.value) and "weights" not in str(err.value)
+    with pytest.raises(DeviceError, match="halves"):  # float32: the hint that a 16-bit type halves it
+        check_fits(cfg, cuda, torch.float32, tokens=2048, weights_loaded=True, memory=_memory(free))
+
+
+def test_check_fits_reads_no_gpu_for_a_cpu_load():
+    """Device: the CPU, which is not checked (the memory reading is never called)."""
+    from tracer.api import check_fits
+
+    def unread(device):
+        raise AssertionError("a CPU load read GPU memory")
+
+    check_fits(_llama2_7b(), torch.device("cpu"), torch.float32, tokens=4096, memory=unread)

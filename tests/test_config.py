@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import MISSING, fields
 
 import pytest
 
@@ -76,3 +77,56 @@ def test_missing_size_names_the_field(key):
     raw = {k: v for k, v in LLAMA2_7B.items() if k != key}
     with pytest.raises(ConfigError, match=key):
         LlamaConfig.from_dict(raw)
+
+
+# --- the config's fields, parsed and checked from the dataclass's own list ---------------------------
+
+_SIZES = [f for f in fields(LlamaConfig) if f.metadata.get("size")]
+_FLAGS = [f for f in fields(LlamaConfig) if f.type == "bool"]
+
+
+def test_the_sizes_and_flags_are_read_off_the_dataclass():
+    from tracer import config
+
+    assert config._SIZES == tuple(_SIZES) and config._FLAGS == tuple(_FLAGS)
+    assert {f.name for f in _SIZES} >= {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "head_dim",
+                                         "max_position_embeddings"}
+    assert {f.name for f in _FLAGS} == {"tie_word_embeddings", "attention_bias", "mlp_bias"}
+
+
+@pytest.mark.parametrize("size", _SIZES, ids=lambda f: f.name)
+@pytest.mark.parametrize("value", [0, -2, True, 2.5])
+def test_every_size_must_be_a_positive_integer_in_code_and_in_config_json(size, value):
+    from tracer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=size.name):
+        LlamaConfig(**{**dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4), size.name: value})
+    with pytest.raises(ConfigError, match=size.name):
+        LlamaConfig.from_dict({**LLAMA2_7B, size.name: value})
+
+
+@pytest.mark.parametrize("size", _SIZES, ids=lambda f: f.name)
+def test_a_size_without_a_default_is_required_in_config_json(size):
+    from tracer.errors import ConfigError
+
+    raw = {k: v for k, v in LLAMA2_7B.items() if k != size.name}
+    if size.default is MISSING:
+        with pytest.raises(ConfigError, match=f"required field '{size.name}'"):
+            LlamaConfig.from_dict(raw)
+    elif size.default is None:  # derived from the other sizes, as for an explicit null
+        assert LlamaConfig.from_dict(raw) == LlamaConfig.from_dict({**raw, size.name: None})
+    else:
+        assert getattr(LlamaConfig.from_dict(raw), size.name) == size.default
+
+
+@pytest.mark.parametrize("flag", _FLAGS, ids=lambda f: f.name)
+def test_every_flag_is_read_and_type_checked(flag):
+    from tracer.errors import ConfigError
+
+    assert getattr(LlamaConfig.from_dict({**LLAMA2_7B, flag.name: True}), flag.name) is True
+    assert getattr(LlamaConfig.from_dict({k: v for k, v in LLAMA2_7B.items() if k != flag.name}),
+                   flag.name) is flag.default
+    with pytest.raises(ConfigError, match=flag.name):
+        LlamaConfig.from_dict({**LLAMA2_7B, flag.name: 1})

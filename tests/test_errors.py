@@ -320,8 +320,8 @@ def test_hub_gated_message(monkeypatch):
 @pytest.mark.parametrize("capture", ["off", "light", "full"])
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_fp16_overflow_is_named_under_every_policy(ws, capture, do_sample):
-    """Greedy checks finiteness in the step's one host copy; sampling checks before multinomial
-    (which would otherwise fail with a bare RuntimeError)."""
+    """Finiteness is checked in the step's one host copy, greedy or sampled: a named
+    NumericsError, never a bare RuntimeError or a silent nonsense token."""
     m = ws.model()
     builders.edit_tensors(m, lambda n, t: torch.where(t >= 0, 6e4, -6e4)
                           if n == "model.layers.1.mlp.down_proj.weight" else t)
@@ -414,3 +414,9 @@ def test_cli_writes_api_arguments_as_flags(api, cli):
     from tracer.cli import in_cli_words
 
     assert in_cli_words(api) == cli
+
+
+def test_cli_contradicting_sampling_flags_is_one_line_naming_both():
+    r = _cli("generate", "--prompt", "x", "--sample", "--greedy")
+    line = _one_line_error(r)
+    assert "--sample" in line and "--greedy" in line and "contradict" in line

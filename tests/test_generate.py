@@ -52,7 +52,7 @@ def test_rank_and_probability_of_a_forced_token_outside_the_top_k(embedded_fp16)
         ev = dec.trace.of("sample")[-1]
         assert ev.chosen_rank == int((final > final[token]).sum())
         assert ev.chosen_prob == pytest.approx(float(final[token]), rel=1e-3, abs=1e-9)
-    assert ev.chosen_rank > dec.capture.top_k  # the second one really was outside the list
+    assert ev.chosen_rank > dec.capture.top_n  # the second one really was outside the list
 
 
 def test_greedy_tie_at_the_top_takes_the_first_index_in_every_policy(tiny_checkpoint):

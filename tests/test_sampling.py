@@ -46,6 +46,17 @@ def test_distribution_matches_transformers(params, seed):
     assert torch.isclose(got.sum(), torch.tensor(1.0))
 
 
+def test_distribution_keeps_the_knobs_not_given_at_transformers_defaults():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(500, generator=g) * 3
+    previous = torch.randint(0, 500, (30,), generator=g)
+    defaults = PARAMS[1]
+    torch.testing.assert_close(sampling.distribution(logits, previous),
+                               hf_distribution(logits, previous, **defaults), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sampling.distribution(logits, previous, top_p=0.5),
+                               hf_distribution(logits, previous, **{**defaults, "top_p": 0.5}), atol=1e-6, rtol=0)
+
+
 def test_each_stage_matches_its_transformers_processor():
     g = torch.Generator().manual_seed(5)
     scores = torch.randn(1, 300, generator=g) * 2
@@ -148,3 +159,78 @@ def test_stage_effects_follow_each_stage_on_the_whole_vocabulary(params):
 def test_penalized_ids_are_the_distinct_ids_so_far_unless_the_penalty_is_off():
     assert sampling.penalized_ids([5, 3, 5, 9], 1.3) == {3, 5, 9}
     assert sampling.penalized_ids([5, 3, 5, 9], 1.0) == set()
+
+
+# --- The chain, declared once, and the one choice ---------------------------------------------
+
+
+def test_stages_greedy_subset_and_plot_panels_derive_from_the_chain():
+    from tracer.viz.plots import sampling as panels
+
+    assert sampling.STAGES == tuple(stage.name for stage in sampling.CHAIN)
+    kinds = [stage.kind for stage in sampling.CHAIN]
+    assert kinds == [sampling.OUTPUT, sampling.PROCESSOR] + [sampling.WARPER] * 3 + [sampling.DISTRIBUTION]
+    assert sampling.GREEDY_STAGES == ("raw", "repetition_penalty", "final")  # processors, then argmax
+    assert sampling.LOGIT_STAGES == ("raw", "repetition_penalty")
+    assert panels.GREEDY_STAGES == sampling.GREEDY_STAGES and panels.LOGIT_STAGES == sampling.LOGIT_STAGES
+
+
+def test_the_sampler_runs_whatever_the_chain_declares(monkeypatch):
+    """stage_scores and next_token loop over CHAIN: a stage taken out of it is gone from both."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 200, generator=g) * 3
+    prev = torch.randint(0, 200, (1, 10), generator=g)
+    s = sampling.SamplingSettings(do_sample=True, temperature=0.5, top_k=3, top_p=1.0)
+    full = sampling.stage_scores(logits, prev, s)
+    assert list(full) == list(sampling.STAGES) and int(sampling.kept(full["top_k"])) == 3
+    monkeypatch.setattr(sampling, "CHAIN", tuple(st for st in sampling.CHAIN if st.name != "top_k"))
+    cut = sampling.stage_scores(logits, prev, s)
+    assert "top_k" not in cut and int(sampling.kept(cut["top_p"])) == 200
+    drawn = {sampling.next_token(logits, prev, s, torch.Generator().manual_seed(n)).item() for n in range(40)}
+    assert len(drawn) > 3  # top-k no longer limits the draws to 3 tokens
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sample"])
+def test_untraced_and_traced_paths_make_the_same_choice(do_sample):
+    """next_token (capture="off") and pick_from_stages (every traced policy) are one choice."""
+    g = torch.Generator().manual_seed(8)
+    prev = torch.randint(0, 300, (1, 20), generator=g)
+    s = sampling.SamplingSettings(do_sample=do_sample, temperature=0.9, top_k=30, top_p=0.9, repetition_penalty=1.2)
+    for seed in range(30):
+        logits = torch.randn(1, 300, generator=g) * 2
+        a = sampling.next_token(logits, prev, s, torch.Generator().manual_seed(seed))
+        b = sampling.pick_from_stages(sampling.stage_scores(logits, prev, s), s, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("V", [2, 7, 1000, 49152])
+def test_the_exponential_race_draws_what_multinomial_draws(V):
+    """``choose`` draws as ATen's multinomial does for one sample (probs / Exponential(1), then
+    argmax): the same tokens from the same generator, which is left in the same state; rows with
+    zeros (cut tokens) included."""
+    g = torch.Generator().manual_seed(V)
+    probs = torch.softmax(torch.randn(3, V, generator=g) * 4, dim=-1)
+    probs[1] = probs[1].masked_fill(probs[1] < probs[1].median(), 0.0)  # half the tokens cut
+    for seed in range(20):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            got = sampling.choose(probs, do_sample=True, generator=ours)
+            want = torch.multinomial(probs, num_samples=1, generator=theirs).squeeze(-1)
+            assert torch.equal(got, want)
+            assert torch.equal(sampling.choose(probs[0], do_sample=True, generator=ours),
+                               torch.multinomial(probs[0], 1, generator=theirs)[0])
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_a_draw_reads_nothing_back_from_the_device():
+    """multinomial validates its input with scalar reads (each a GPU sync); the race needs none.
+    Device: CPU, where the profiler still records those reads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    probs = torch.softmax(torch.randn(1, 500), -1)
+    g = torch.Generator().manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sampling.choose(probs, do_sample=True, generator=g)
+        sampling.next_token(probs.log(), torch.tensor([[1, 2]]),
+                            sampling.SamplingSettings(do_sample=True, top_p=0.9, repetition_penalty=1.3), g)
+    assert "aten::_local_scalar_dense" not in [e.name for e in prof.events()]

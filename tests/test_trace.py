@@ -218,3 +218,84 @@ def test_memory_probe_in_a_forked_child_reads_the_child():
     # Reading the parent's statm through an inherited fd would see no growth at all.
     assert child_growth >= 200 * 1024**2
     assert probe.snapshot()["rss_bytes"] < parent + 100 * 1024**2  # the parent did not grow
+
+
+# --- trace.stage, event order, events built from reports (no model: the CPU) -------------------
+
+
+def test_stage_times_the_block_and_adds_the_event_it_sets():
+    import time
+
+    from tracer.trace import ResolveEvent, Trace
+
+    trace = Trace()
+    before = time.time()
+    with trace.stage("resolve", memory="cpu") as stage:
+        time.sleep(0.02)
+        stage.event = ResolveEvent(source="here")
+    (event,) = trace.events
+    assert event.source == "here" and event.seq == 0 and before <= event.time <= before + 1
+    assert 0.02 <= event.seconds < 5 and event.memory["rss_bytes"] > 0
+    with trace.stage("tokenize"):  # capture="off": the block sets no event, nothing is recorded
+        pass
+    with pytest.raises(ValueError), trace.stage("resolve") as stage:
+        stage.event = ResolveEvent()
+        raise ValueError("a failed stage")
+    assert len(trace) == 1
+    with pytest.raises(TraceError, match="'tokenize' recorded a 'resolve' event"), trace.stage("tokenize") as stage:
+        stage.event = ResolveEvent()
+    with pytest.raises(TraceError, match="unknown stage"), trace.stage("prefil"):
+        pass
+
+
+def test_the_trace_lists_the_load_stages_in_walkthrough_order():
+    """Resolution runs before the config is read; the trace still reads config, resolve, load_shard."""
+    from tracer.trace import (
+        ConfigEvent,
+        DetokenizeEvent,
+        LoadShardEvent,
+        ResolveEvent,
+        TokenizeEvent,
+        Trace,
+    )
+
+    trace = Trace()
+    for event in (ResolveEvent(), ConfigEvent(), LoadShardEvent(), LoadShardEvent(), TokenizeEvent()):
+        trace.add(event)
+    assert trace.stages == ["config", "resolve", "load_shard", "load_shard", "tokenize"]
+    assert [e.seq for e in trace.events] == [0, 1, 2, 3, 4]
+    trace.add(DetokenizeEvent())
+    trace.add(ConfigEvent())  # after a generation: where it happens, not moved into the load
+    assert trace.stages[-2:] == ["detokenize", "config"] and trace.events[-1].seq == 6
+
+
+# The keys of a load_shard event in a saved trace (format version 1): traces already saved carry
+# exactly these, so the event must keep them.
+LOAD_SHARD_KEYS = {
+    "stage", "seq", "time", "seconds", "memory", "tensor_names", "file", "index", "count",
+    "bytes_on_disk", "num_tensors", "bytes_read", "bytes_in_memory", "casts", "device", "dtype",
+    "unexpected", "tensors_mapped", "format", "by_type",
+}
+
+
+def test_a_load_shard_event_is_the_loaders_report_and_keeps_the_saved_keys(tmp_path):
+    import dataclasses
+
+    from tracer.checkpoint import ShardReport
+    from tracer.trace import LoadShardEvent, Trace
+
+    report = ShardReport("model-00001-of-00002.safetensors", 0, 2, 1000, "safetensors", num_tensors=7,
+                         bytes_read=900, bytes_in_memory=1800, casts={"float16->float32": 7}, device="cpu",
+                         dtype="float32", seconds=0.25, unexpected=["x"], tensors_mapped=0,
+                         by_type={"float16": {"tensors": 7, "bytes_on_disk": 900, "bytes_in_memory": 1800,
+                                              "seconds": 0.2}})
+    event = LoadShardEvent.from_report(report, memory={"rss_bytes": 5})
+    for f in dataclasses.fields(ShardReport):
+        assert getattr(event, f.name) == getattr(report, f.name), f.name
+    assert event.memory == {"rss_bytes": 5} and event.tensors == {}
+    assert set(event.to_json()) == LOAD_SHARD_KEYS
+    path = Trace([event]).save(tmp_path / "t")
+    (saved,) = json.loads((path / "events.json").read_text())["events"]
+    assert set(saved) == LOAD_SHARD_KEYS
+    (back,) = Trace.load(path).events
+    assert back.to_json() == event.to_json()

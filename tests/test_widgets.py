@@ -7,6 +7,7 @@ import re
 import pytest
 from test_viz import viz_checkpoint
 
+from tracer.errors import GenerationError
 from tracer.viz import StepperApp
 from tracer.viz.widgets import NO_STEP, token_texts, tokens_html
 
@@ -164,3 +165,19 @@ def test_labels_are_not_cut(llm):
     app = StepperApp(llm, "It is a truth", max_new_tokens=10, seed=0)
     for w in (app.at_step, app.candidates, app.compare_step):
         assert w.style.description_width == "initial"
+
+
+def test_a_system_prompt_goes_into_the_chat_template(llm):
+    """StepperApp(chat=True, system=...) starts from the ids of the tokenizer's chat encoding of the
+    system prompt and the question, as Llama.decoder does; system= alone is refused as there."""
+    system, question = "Answer in one word.", "It is"
+    expected = llm.tokenizer.chat([{"role": "system", "content": system}, {"role": "user", "content": question}]).ids
+    app = StepperApp(llm, question, chat=True, system=system, max_new_tokens=2, seed=0)
+    assert app.decoder.prompt_ids == expected and app.last_error is None
+    without = StepperApp(llm, question, chat=True, max_new_tokens=2, seed=0)
+    assert without.decoder.prompt_ids != expected  # the system prompt is in the ids
+    app.next_button.click()
+    app.reset_button.click()  # a restart keeps the system prompt
+    assert app.decoder.prompt_ids == expected
+    with pytest.raises(GenerationError, match="chat=True"):
+        StepperApp(llm, question, system=system, max_new_tokens=2)

@@ -7,9 +7,11 @@
     chat = tracer.load("smollm2")            # a real chat model, offline (tracer.catalog)
     chat.generate("What is the capital of France?", chat=True).text
 
-The modules read like the walkthrough: config -> resolution -> checkpoint (with one reader per
-weight format: safetensors_file, gguf_file) -> model -> tokenizer -> generate -> sampling, with
-``trace`` as the thread through them and ``viz`` on top.
+A newcomer's reading order, the walkthrough's: config -> resolution -> checkpoint (one reader per
+weight format: safetensors_file, gguf_file) -> model -> tokenizer -> generate (with sampling and
+recorders) -> trace -> api -> viz on top. The speed machinery (fast, matvec, attend, kernels) is a
+side wing beside the model, which does not know about it. Each concept is declared once: hook points
+in ``hooks``, sampling knobs in ``knobs``, dtypes in ``dtypes``, the sampling chain in ``sampling``.
 """
 
 from . import catalog, errors, hooks, sampling

@@ -8,7 +8,6 @@ and records each as a trace event; ``Llama.generate`` walks stages 4-7 and retur
 from __future__ import annotations
 
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import fast, sampling
+from . import dtypes, fast, knobs, sampling
 from .checkpoint import checkpoint_layout, load_weights, read_config
-from .config import GenerationDefaults, LlamaConfig, dtype_bytes
+from .config import GenerationDefaults, LlamaConfig
 from .errors import DeviceError, GenerationError, TokenizerError
 from .generate import CaptureOptions, Decoder
 from .gguf_tokenizer import load_gguf_tokenizer
@@ -36,7 +35,7 @@ from .trace import (
     memory_snapshot,
 )
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.RUNTIME}  # what tracer.load(dtype=...) takes
 
 
 def embedded_path() -> Path:
@@ -70,14 +69,15 @@ def pick_dtype(dtype: str | torch.dtype, cfg: LlamaConfig, device: torch.device)
     the CPU it is float32 (what a CPU reference computes in), unless the float32 weights would take
     more than half of the machine's memory: then the checkpoint's 16-bit type, so that a 7B model
     (27 GB in float32, 13.5 GB in float16) still loads on a 16 GB laptop."""
-    if dtype == "auto":
+    if dtype == dtypes.AUTO:
         stored = DTYPES.get(cfg.torch_dtype, torch.float32)
-        if device.type == "cuda" or cfg.memory_bytes("float32") <= physical_memory() // 2:
+        if device.type == "cuda" or cfg.memory_bytes(dtypes.FLOAT32.name) <= physical_memory() // 2:
             return stored if device.type == "cuda" else torch.float32
         return stored if stored != torch.float32 else torch.float16
-    name = str(dtype).replace("torch.", "")
+    name = dtypes.name_of(dtype)
     if name not in DTYPES:
-        raise DeviceError(f"dtype {dtype!r} is not supported; use 'auto', 'float32', 'float16' or 'bfloat16'")
+        *first, last = map(repr, (dtypes.AUTO, *DTYPES))
+        raise DeviceError(f"dtype {dtype!r} is not supported; use {', '.join(first)} or {last}")
     return DTYPES[name]
 
 
@@ -89,19 +89,73 @@ def physical_memory() -> int:
         return 1 << 40
 
 
-def check_fits(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """Before allocating: compare the weights' size with the device's free memory."""
+# A load checks that, besides the weights, a generation this long fits (a longer one is checked
+# when it is asked for): enough for a chat turn, without refusing a 7B float16 model on a 16 GB GPU.
+LOAD_FIT_TOKENS = 1024
+# What no tensor of ours names: the caching allocator's rounding, cuBLAS workspaces, the loader's
+# cast scratch (tracer.checkpoint.StagedUpload).
+FIT_MARGIN_BYTES = 512 * 1024**2
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """A GPU's memory as a new allocation sees it: the driver's ``free`` of ``total``, plus
+    ``cached``, what torch's caching allocator reserved but holds unused (free to us, not to the
+    driver: a notebook that dropped its last model has it)."""
+
+    free: int
+    total: int
+    cached: int = 0
+
+    @property
+    def available(self) -> int:
+        return self.free + self.cached
+
+
+def cuda_memory(device: torch.device) -> DeviceMemory:
+    """``device``'s memory now (the default reading of :func:`check_fits`)."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return DeviceMemory(free, total, max(cached, 0))
+
+
+def activation_bytes(cfg: LlamaConfig, tokens: int, dtype: str) -> int:
+    """A prefill's largest live tensors for ``tokens`` tokens: the residual and its norm, q/k/v and
+    the attention output, the MLP's stacked gate/up and its activation; float32 logits of one position."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    per_token = 2 * cfg.hidden_size + 2 * q + 2 * kv + 3 * cfg.intermediate_size
+    return tokens * per_token * dtypes.BY_NAME[dtype].bytes + 4 * cfg.vocab_size
+
+
+def check_fits(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, *, tokens: int | None = None,
+               weights_loaded: bool = False, memory=cuda_memory) -> None:
+    """Before allocating on a GPU: the weights (unless ``weights_loaded``), a KV cache of ``tokens``
+    positions (default: LOAD_FIT_TOKENS, or the model's whole context if shorter), a prefill's
+    activations and a margin must fit in what is free there (``memory(device)``: a
+    :class:`DeviceMemory`, read from CUDA unless given). The CPU is not checked."""
     if device.type != "cuda":
         return
-    name = str(dtype).replace("torch.", "")
-    need = cfg.memory_bytes(name)
-    free, total = torch.cuda.mem_get_info(device)
-    if need > free:
-        halves = " (float16 or bfloat16 halves float32's size)" if name == "float32" else ""
-        raise DeviceError(
-            f"the weights need {need / 1e9:.1f} GB in {name} but {device} has {free / 1e9:.1f} GB "
-            f"free of {total / 1e9:.1f} GB{halves}; use a smaller dtype, free GPU memory, or device='cpu'"
-        )
+    name = dtypes.name_of(dtype)
+    tokens = min(cfg.max_position_embeddings, LOAD_FIT_TOKENS) if tokens is None else tokens
+    parts = {
+        f"weights in {name}": 0 if weights_loaded else cfg.memory_bytes(name),
+        f"KV cache for {tokens} tokens": cfg.kv_cache_bytes(tokens, name),
+        "activations": activation_bytes(cfg, tokens, name),
+        "margin": FIT_MARGIN_BYTES,
+    }
+    need, mem = sum(parts.values()), memory(device)
+    if need <= mem.available:
+        return
+    shown = " + ".join(f"{part} {n / 1e9:.1f} GB" for part, n in parts.items() if n)
+    f16, bf16, f32 = dtypes.FLOAT16.name, dtypes.BFLOAT16.name, dtypes.FLOAT32.name
+    halves = f" ({f16} or {bf16} halves {f32}'s size)" if name == f32 else ""
+    shorter = "a shorter prompt or fewer max_new_tokens, " if weights_loaded else ""
+    cached = (f" ({mem.free / 1e9:.1f} GB on the device + {mem.cached / 1e9:.1f} GB torch's allocator "
+              "holds unused)") if mem.cached else ""
+    raise DeviceError(
+        f"{device} needs {need / 1e9:.1f} GB ({shown}) but has {mem.available / 1e9:.1f} GB free of "
+        f"{mem.total / 1e9:.1f} GB{cached}; use {shorter}a smaller dtype{halves}, free GPU memory, or device='cpu'"
+    )
 
 
 @dataclass
@@ -151,9 +205,11 @@ class Llama:
         steps that compiled (the compile and that one step): in the meta of the generation that
         paid it, and the first (cold) one in ``load_trace.meta`` from then on.
 
-        Guards on the model's modules are skipped (checked at every call they would cost more than
-        fusing saves): the graph reads the weights at each call, so in-place edits show, but a hook
-        attached to a point is seen only because the Decoder then takes the eager model.
+        On the CPU guards on the model's modules are skipped (checked at every call they would cost
+        more than fusing saves); the step itself checks the model's device, dtype and products
+        before each call and recompiles if they changed. On CUDA every guard is kept and the step
+        replays CUDA graphs. The graph reads the weights at each call, so in-place edits show; a
+        hook attached to a point is seen only because the Decoder then takes the eager model.
         """
         meta = self.load_trace.meta
         meta["step"] = fast.CompiledStep.kind
@@ -196,17 +252,14 @@ class Llama:
 
     # --- generation ---------------------------------------------------------------------------
     def settings(self, **overrides) -> tuple[sampling.SamplingSettings, int | None]:
-        """transformers' defaults, then generation_config.json, then the caller's values."""
-        d = self.defaults
-        values = {
-            "do_sample": d.do_sample,
-            "temperature": d.temperature,
-            "top_k": d.top_k,
-            "top_p": d.top_p,
-            "repetition_penalty": d.repetition_penalty,
-        }
+        """The sampling knobs (``tracer/knobs.py``): transformers' defaults, then
+        generation_config.json, then the caller's values (None: keep the default)."""
+        unknown = sorted(set(overrides) - set(knobs.NAMES))
+        if unknown:
+            raise GenerationError(f"unknown sampling knob(s) {unknown}; the knobs are {list(knobs.NAMES)}")
+        values = knobs.values(self.defaults)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return sampling.SamplingSettings(**values), d.max_new_tokens
+        return sampling.SamplingSettings(**values), self.defaults.max_new_tokens
 
     def encode_prompt(self, prompt, *, chat: bool = False, system: str | None = None) -> Encoding:
         """Prompt text (or ids) -> the :class:`~tracer.tokenizer.Encoding` the ``tokenize`` event shows.
@@ -261,18 +314,18 @@ class Llama:
         max_new = max_new_tokens if max_new_tokens is not None else (default_max or 64)
         opts = CaptureOptions(capture, tuple([points] if isinstance(points, str) else points),
                               **({"budget_bytes": budget_bytes} if budget_bytes else {}),
-                              top_k=top_n, lens=lens)
+                              top_n=top_n, lens=lens)
         trace = self.load_trace.copy() if capture != "off" else Trace(meta=self.load_trace.meta)
         # What computes this run's products (fast.use_kernels may have changed it since the load).
         trace.meta = {**trace.meta, "matvec": fast.products(self.model)}
-        t0, started = time.perf_counter(), time.time()
-        enc = self.encode_prompt(prompt, chat=chat, system=system)
+        with trace.stage("tokenize") as stage:
+            enc = self.encode_prompt(prompt, chat=chat, system=system)
+            if capture != "off":
+                stage.event = TokenizeEvent.from_encoding(enc)
         ids = enc.ids
-        if capture != "off":
-            trace.add(TokenizeEvent(
-                time=started, seconds=time.perf_counter() - t0, text=enc.text, template=enc.template,
-                ids=ids, pieces=enc.pieces, added_bos=enc.added_bos, added_eos=enc.added_eos,
-            ))
+        if isinstance(max_new, int):  # (else the Decoder names the mistake) this generation's KV
+            # cache and activations must fit beside the weights already there
+            check_fits(self.config, self.device, self.dtype, tokens=len(ids) + max_new, weights_loaded=True)
         return Decoder(
             self.model, ids, settings, max_new_tokens=max_new, eos_ids=self.defaults.eos_token_ids,
             seed=seed, capture=opts, trace=trace, piece=self.tokenizer.id_to_piece,
@@ -284,8 +337,8 @@ class Llama:
 
         Sampling knobs (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``repetition_penalty``) default to transformers' GenerationConfig defaults overridden by the
-        checkpoint's generation_config.json; ``seed`` seeds a ``torch.Generator`` that feeds
-        ``torch.multinomial``. ``capture`` is "off", "light" (default) or "full" (with ``points``).
+        checkpoint's generation_config.json; ``seed`` seeds a ``torch.Generator`` that draws the sample
+        as ``torch.multinomial`` does (the same tokens for the same seed). ``capture`` is "off", "light" (default) or "full" (with ``points``).
         """
         dec = self.decoder(prompt, max_new_tokens=max_new_tokens, **kwargs)
         dec.run()
@@ -302,14 +355,11 @@ class Llama:
 
     def finish(self, dec: Decoder) -> Generation:
         """Detokenize a decoder's new ids into a :class:`Generation` (adds the ``detokenize`` event)."""
-        t0, started = time.perf_counter(), time.time()
-        text = self.continuation_text(dec.prompt_ids, dec.new_ids)
-        if dec.capture.policy != "off":
-            dec.trace.add(DetokenizeEvent(
-                time=started, seconds=time.perf_counter() - t0, new_ids=list(dec.new_ids),
-                pieces=self.tokenizer.pieces(dec.new_ids), text=text,
-                finish_reason=dec.finish_reason or "stopped",
-            ))
+        with dec.trace.stage("detokenize") as stage:
+            text = self.continuation_text(dec.prompt_ids, dec.new_ids)
+            if dec.capture.policy != "off":
+                stage.event = DetokenizeEvent(new_ids=list(dec.new_ids), pieces=self.tokenizer.pieces(dec.new_ids),
+                                              text=text, finish_reason=dec.finish_reason or "stopped")
         return Generation(dec.prompt_ids, list(dec.new_ids), text, dec.finish_reason or "stopped",
                           dec.trace, list(dec.history))
 
@@ -339,53 +389,58 @@ def load(
     AVX2 kernels where they can be built, see ``tracer.kernels``), "kernel" or "torch"
     (:func:`tracer.fast.use_kernels`); ``llm.load_trace.meta["matvec"]`` says which is in use.
     """
-    trace = Trace()
     dev = pick_device(device)
-    t0, started = time.perf_counter(), time.time()
-    resolved = resolve(embedded_path() if source is None else source, revision=revision, token=token,
-                       gguf_file=gguf_file)
-    trace.add(ResolveEvent(time=started, seconds=time.perf_counter() - t0, memory=memory_snapshot(dev),
-                           **resolved.summary()))
-
-    t0, started = time.perf_counter(), time.time()
-    cfg = read_config(resolved)
-    torch_dtype = pick_dtype(dtype, cfg, dev)
-    dname = str(torch_dtype).replace("torch.", "")
-    # Events are listed in walkthrough order (config first), though resolution found the file.
-    trace.events.insert(0, ConfigEvent(
-        time=started, seconds=time.perf_counter() - t0, source=str(resolved.config_file),
-        config=cfg.summary(), num_parameters=cfg.num_parameters, memory_table=cfg.memory_table(),
-        runtime_dtype=dname, runtime_bytes=cfg.num_parameters * dtype_bytes(dname),
-    ))
-    for i, e in enumerate(trace.events):
-        e.seq = i
+    trace = Trace()
+    # Resolution finds config.json, so it runs first; the trace still lists the config first.
+    resolved = _resolve(trace, source, dev, revision=revision, token=token, gguf_file=gguf_file)
+    cfg, torch_dtype = _read_config(trace, resolved, dtype, dev)
     check_fits(cfg, dev, torch_dtype)
-
-    # The tokenizer first: a checkpoint without a usable one fails before any weight is read.
+    # The tokenizer before the weights: a checkpoint without a usable one fails before any is read.
     tokenizer = _tokenizer(resolved, cfg)
-    # Construct without allocating (meta), then allocate uninitialised storage on the device.
-    model = LlamaModel(cfg, device="meta", dtype=torch_dtype).allocate(dev)
-    model.eval()
-    products = fast.use_kernels(model, matvec)  # before the weights: an impossible choice fails fast
-    with _progress(resolved, cfg, progress) as tick:
-        for report in load_weights(model, resolved, on_tensor=tick):
-            trace.add(LoadShardEvent(
-                time=time.time() - report.seconds, seconds=report.seconds, memory=memory_snapshot(dev),
-                file=report.file, index=report.index, count=report.count,
-                bytes_on_disk=report.bytes_on_disk, num_tensors=report.tensors,
-                bytes_read=report.bytes_read, bytes_in_memory=report.bytes_in_memory,
-                casts=report.casts, device=report.device, dtype=report.dtype, unexpected=report.unexpected,
-                tensors_mapped=report.tensors_mapped, format=report.format, by_type=report.by_type,
-            ))
+    model = _build_model(cfg, dev, torch_dtype, matvec)
+    _load_shards(trace, model, resolved, progress)
     defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
-    trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dname,
-                      matvec=products, format=resolved.format)
+    trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dtypes.name_of(torch_dtype),
+                      matvec=fast.products(model), format=resolved.format)
     llm = Llama(model, tokenizer, defaults, resolved, trace)
     if compile:
         llm.compile_step()
     else:
         trace.meta["step"] = "eager"  # compile_step() says "compiled-block"
     return llm
+
+
+def _resolve(trace: Trace, source, dev: torch.device, **where) -> ResolvedCheckpoint:
+    """Stage 2: which files ``source`` means (the ``resolve`` event)."""
+    with trace.stage("resolve", memory=dev) as stage:
+        resolved = resolve(embedded_path() if source is None else source, **where)
+        stage.event = ResolveEvent(**resolved.summary())
+    return resolved
+
+
+def _read_config(trace: Trace, resolved: ResolvedCheckpoint, dtype, dev: torch.device) -> tuple[LlamaConfig, torch.dtype]:
+    """Stage 1: the typed config and the runtime dtype it implies here (the ``config`` event)."""
+    with trace.stage("config") as stage:
+        cfg = read_config(resolved)
+        torch_dtype = pick_dtype(dtype, cfg, dev)
+        stage.event = ConfigEvent.from_config(cfg, str(resolved.config_file), dtypes.name_of(torch_dtype))
+    return cfg, torch_dtype
+
+
+def _build_model(cfg: LlamaConfig, dev: torch.device, dtype: torch.dtype, matvec: str) -> LlamaModel:
+    """The network, constructed without allocating (meta), then given uninitialised storage on
+    the device, its products' kernels chosen before any weight is read (an impossible choice fails fast)."""
+    model = LlamaModel(cfg, device="meta", dtype=dtype).allocate(dev)
+    model.eval()
+    fast.use_kernels(model, matvec)
+    return model
+
+
+def _load_shards(trace: Trace, model: LlamaModel, resolved: ResolvedCheckpoint, progress: bool) -> None:
+    """Stage 3: the weights, file by file (one ``load_shard`` event each, from the loader's report)."""
+    with _progress(resolved, model.config, progress) as tick:
+        for report in load_weights(model, resolved, on_tensor=tick):
+            trace.add(LoadShardEvent.from_report(report, memory=memory_snapshot(model.device)))
 
 
 def _tokenizer(resolved: ResolvedCheckpoint, cfg: LlamaConfig) -> Tokenizer:

@@ -9,7 +9,10 @@ every checkpoint tensor to one of our parameters. transformers does the same wor
 The model is allocated once (``LlamaModel.allocate``); each tensor then goes straight into its
 parameter, or through a one-tensor buffer that is cast (and, for GGUF, dequantized a few rows at a
 time) on its way, so host memory stays bounded by about one tensor. On the CPU, a tensor stored
-exactly as the model wants it becomes a view of the memory-mapped file instead of a copy.
+exactly as the model wants it becomes a view of the memory-mapped file instead of a copy. To a GPU,
+the stored bytes go through two reused pinned buffers, uploads do not block the host (which reads
+the next piece meanwhile), casts run on the device, and the host waits once per file
+(:class:`StagedUpload`).
 Each checkpoint tensor is one of our parameters (the model computes q/k/v and gate/up as one
 product each without stacking their weights), so a same-dtype CPU load copies no weight.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from . import dtypes
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .gguf_file import GGUFFile, GGUFWeights, hf_config, rope_freq_factors
@@ -99,18 +103,20 @@ def checkpoint_layout(cfg: LlamaConfig) -> dict[str, Slot]:
 
 @dataclass
 class ShardReport:
-    """What loading one weight file did (the ``load_shard`` trace event's payload).
+    """What loading one weight file did (the ``load_shard`` trace event is this report, stamped).
 
-    ``by_type`` breaks it down per stored type ("float16", "Q4_1", ...): tensors, bytes on disk,
-    bytes in memory and seconds spent reading, casting and dequantizing them.
+    ``index`` of ``count`` files; ``num_tensors`` read, ``tensors_mapped`` of them views of the
+    memory-mapped file (CPU, same dtype) rather than copies; ``casts`` counts "stored->runtime"
+    dtype changes. ``by_type`` breaks it down per stored type ("float16", "Q4_1", ...): tensors,
+    bytes on disk, bytes in memory and seconds spent reading, casting and dequantizing them.
     """
 
-    file: str
-    index: int
-    count: int
-    bytes_on_disk: int
-    format: str = "safetensors"
-    tensors: int = 0
+    file: str = ""
+    index: int = 0
+    count: int = 0
+    bytes_on_disk: int = 0
+    format: str = "safetensors"  # or "gguf"
+    num_tensors: int = 0
     bytes_read: int = 0
     bytes_in_memory: int = 0
     casts: dict[str, int] = field(default_factory=dict)
@@ -118,45 +124,53 @@ class ShardReport:
     dtype: str = ""
     seconds: float = 0.0
     unexpected: list[str] = field(default_factory=list)
-    tensors_mapped: int = 0  # of ``tensors``: views of the memory-mapped file, not copies
+    tensors_mapped: int = 0
     by_type: dict[str, dict] = field(default_factory=dict)
 
 
-def open_weights(path: Path, resolved: ResolvedCheckpoint, cfg: LlamaConfig, *, map_file: bool):
-    """The reader of one weight file in the checkpoint's format (safetensors or GGUF)."""
+def open_weights(path: Path, resolved: ResolvedCheckpoint, cfg: LlamaConfig, *, mapped: bool):
+    """The reader of one weight file in the checkpoint's format (safetensors or GGUF); with
+    ``mapped``, the file is memory-mapped so that tensors can become views of it."""
     if resolved.format == "gguf":
         g = GGUFFile.open(path)
-        return GGUFWeights(g, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, map_file_=map_file)
-    return SafetensorsFile(path, map_file_=map_file)
+        return GGUFWeights(g, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, mapped=mapped)
+    return SafetensorsFile(path, mapped=mapped)
 
 
 def load_weights(
-    model: torch.nn.Module, resolved: ResolvedCheckpoint, *, map_files: bool = True, on_tensor=None
+    model: torch.nn.Module, resolved: ResolvedCheckpoint, *, map_files: bool = True, on_tensor=None,
+    upload: StagedUpload | None = None,
 ) -> Iterator[ShardReport]:
     """Fill ``model`` (allocated, e.g. by ``LlamaModel.allocate``) from the checkpoint, yielding per file.
 
     Checks every tensor's shape against the config, then after the last file that every expected
     tensor was seen; unexpected tensors produce a warning and are ignored (never silently used).
     With ``map_files`` (and a CPU model), parameters stored as-is become views of the mapped file.
-    ``on_tensor()``, if given, is called after each tensor (a progress bar's tick).
+    A CUDA model is filled through a :class:`StagedUpload` (``upload``: given by tests to run that
+    path with a fake device), synchronised once per file. ``on_tensor()``, if given, is called
+    after each tensor (a progress bar's tick).
     """
     cfg: LlamaConfig = model.config
     layout = checkpoint_layout(cfg)
     params = dict(model.named_parameters())
+    if upload is None and model.device.type == "cuda":
+        upload = StagedUpload(model.device, staging_bytes=staging_size(resolved.weight_files))
     seen: set[str] = set()
     unexpected: list[str] = []
     n = len(resolved.weight_files)
     for i, path in enumerate(resolved.weight_files):
         started = time.perf_counter()
-        weights = open_weights(path, resolved, cfg, map_file=map_files and model.device.type == "cpu")
+        weights = open_weights(path, resolved, cfg, mapped=map_files and model.device.type == "cpu")
         report = ShardReport(path.name, i, n, path.stat().st_size, weights.format, device=str(model.device),
-                             dtype=str(model.dtype).replace("torch.", ""))
+                             dtype=dtypes.name_of(model.dtype))
         try:
             found = _match(weights, layout, resolved, cfg, report)
             for name, slot in found:
-                _load_tensor(weights, name, params[slot.param], report)
+                _load_tensor(weights, name, params[slot.param], report, upload)
                 if on_tensor is not None:
                     on_tensor()
+            if upload is not None:
+                upload.finish()  # the file's uploads are done: its seconds include them
         finally:
             weights.close()
         seen.update(name for name, _ in found)
@@ -194,15 +208,16 @@ def _match(weights, layout: dict, resolved: ResolvedCheckpoint, cfg: LlamaConfig
     return found
 
 
-def _load_tensor(weights, name: str, param: torch.Tensor, report: ShardReport) -> None:
-    """One tensor into its parameter: a view of the mapped file where possible, else a copy."""
+def _load_tensor(weights, name: str, param: torch.Tensor, report: ShardReport, upload: StagedUpload | None) -> None:
+    """One tensor into its parameter, by one of three routes: on the CPU, a view of the mapped file
+    where the bytes serve as they lie, else a copy (cast by ``copy_``); on a GPU, ``upload``."""
     t0 = time.perf_counter()
     with torch.no_grad():
         view = weights.view(name, param)
         if view is not None:
             param.data = view  # the untouched allocation it replaces is freed
         else:
-            weights.fill(name, param.data)
+            weights.fill(name, param.data, upload)
     _account(report, weights.entries[name], param, mapped=view is not None, seconds=time.perf_counter() - t0)
 
 
@@ -228,11 +243,11 @@ def _check_index_agrees(resolved: ResolvedCheckpoint, path: Path, entries: dict)
 
 def _account(report: ShardReport, entry, dest: torch.Tensor, *, mapped: bool, seconds: float) -> None:
     in_memory = dest.numel() * dest.element_size()
-    report.tensors += 1
+    report.num_tensors += 1
     report.bytes_read += entry.nbytes
     report.bytes_in_memory += in_memory
     report.tensors_mapped += mapped
-    runtime = str(dest.dtype).replace("torch.", "")
+    runtime = dtypes.name_of(dest.dtype)
     if entry.stored != runtime:
         key = f"{entry.stored}->{runtime}"
         report.casts[key] = report.casts.get(key, 0) + 1
@@ -242,6 +257,106 @@ def _account(report: ShardReport, entry, dest: torch.Tensor, *, mapped: bool, se
     row["bytes_on_disk"] += entry.nbytes
     row["bytes_in_memory"] += in_memory
     row["seconds"] += seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# To a GPU: pinned staging, uploads that do not block, casts on the device
+
+# Each of the two pinned staging buffers holds at most this much: page-locked host memory cannot be
+# swapped out, and torch's host allocator keeps it cached after the load, so it stays small; a
+# larger tensor goes up in pieces.
+STAGING_BYTES = 64 * 1024**2
+
+
+def staging_size(files: list[Path]) -> int:
+    """Bytes per staging buffer for these weight files: STAGING_BYTES, or less for a small model."""
+    largest = max((p.stat().st_size for p in files), default=0)
+    return max(8, min(STAGING_BYTES, -(-largest // 8) * 8))
+
+
+def pinned_bytes(nbytes: int) -> torch.Tensor:
+    """A page-locked host byte buffer: the GPU's copy engine reads it directly, without the host."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def cuda_upload(dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Event:
+    """Queue ``src`` (pinned host bytes) into ``dst`` (device bytes); the host goes on at once. The
+    returned event completes when the copy has read ``src``."""
+    dst.copy_(src, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(dst.device))
+    return done
+
+
+class StagedUpload:
+    """Host bytes into tensors on a GPU, as a loader should move them there.
+
+    Each piece (a tensor, or ``staging_bytes`` of a larger one) is read into one of two reused
+    pinned staging buffers and uploaded without blocking: the copy engine reads one buffer while
+    the host reads the file into the other. A tensor stored in another dtype than its parameter's
+    goes up as stored and is cast on the device. The host waits only before refilling a buffer
+    whose last upload may still be reading it, and once per shard (:meth:`finish`); the device
+    runs the uploads and casts in order on one stream, so the device scratch a cast reads is reused
+    safely. ``pinned``, ``upload`` and ``synchronize`` are CUDA's by default; tests pass fakes to
+    run this logic on the CPU.
+    """
+
+    def __init__(self, device: torch.device | str, *, staging_bytes: int = STAGING_BYTES,
+                 pinned=pinned_bytes, upload=cuda_upload, synchronize=None) -> None:
+        self.device = torch.device(device)
+        self.staging_bytes = staging_bytes // 8 * 8  # a whole number of elements of any dtype
+        if self.staging_bytes < 8:
+            raise ValueError(f"staging_bytes must be at least 8, got {staging_bytes}")
+        self._pinned, self._upload = pinned, upload
+        self._synchronize = synchronize or (lambda: torch.cuda.synchronize(self.device))
+        self._buffers: list[torch.Tensor | None] = [None, None]  # allocated on first use
+        self._in_flight: list = [None, None]  # per buffer: the upload still reading it, if any
+        self._turn = 0
+        self._scratch: torch.Tensor | None = None  # device bytes a piece is cast from
+
+    def write(self, dest: torch.Tensor, stored: torch.dtype, nbytes: int, read) -> None:
+        """Fill the contiguous ``dest`` from ``nbytes`` of host bytes holding its values as
+        ``stored``: ``read(buf, offset)`` puts bytes [offset, offset + len(buf)) into ``buf``."""
+        size = stored.itemsize
+        step = self.staging_bytes // size * size
+        as_bytes = dest.view(-1).view(torch.uint8)  # raises for a non-contiguous dest
+        for offset in range(0, nbytes, step):
+            n = min(step, nbytes - offset)
+            buf = self._next_buffer()[:n]
+            read(buf, offset)
+            if stored == dest.dtype:
+                self._in_flight[self._turn] = self._upload(as_bytes[offset:offset + n], buf)
+                continue
+            scratch = self._device_scratch()[:n]
+            self._in_flight[self._turn] = self._upload(scratch, buf)
+            first = offset // size
+            dest.view(-1)[first:first + n // size].copy_(scratch.view(stored))  # the cast, on the device
+
+    def put(self, dest: torch.Tensor, src: torch.Tensor) -> None:
+        """Fill ``dest`` from the host tensor ``src`` (as many values, any dtype)."""
+        values = src.contiguous().view(-1)
+        raw = values.view(torch.uint8)
+        self.write(dest, values.dtype, raw.numel(), lambda buf, offset: buf.copy_(raw[offset:offset + len(buf)]))
+
+    def finish(self) -> None:
+        """Wait for every upload and cast so far (once per shard)."""
+        self._synchronize()
+        self._in_flight = [None, None]
+
+    def _next_buffer(self) -> torch.Tensor:
+        """The other staging buffer, once the upload that last read it is done."""
+        self._turn ^= 1
+        if self._in_flight[self._turn] is not None:
+            self._in_flight[self._turn].synchronize()
+            self._in_flight[self._turn] = None
+        if self._buffers[self._turn] is None:
+            self._buffers[self._turn] = self._pinned(self.staging_bytes)
+        return self._buffers[self._turn]
+
+    def _device_scratch(self) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(self.staging_bytes, dtype=torch.uint8, device=self.device)
+        return self._scratch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +396,7 @@ def save_pretrained(
         shards[-1][name] = t
         size += nbytes
     cfg_dict = model.config.to_hf_dict()
-    cfg_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+    cfg_dict["torch_dtype"] = dtypes.name_of(dtype)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
     try:
         names = (

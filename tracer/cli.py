@@ -13,24 +13,20 @@ import re
 import sys
 import traceback
 
+from . import dtypes
 from .errors import TracerError
+from .knobs import KNOBS, SWITCH
 
 # The walkthrough's run.py settings (Llama-2-7b-chat-hf in fp16, text-generation pipeline).
-WALKTHROUGH = {
-    "max_new_tokens": 512,
-    "do_sample": True,
-    "temperature": 0.7,
-    "top_p": 0.95,
-    "top_k": 40,
-    "repetition_penalty": 1.1,
-}
+WALKTHROUGH = dict(max_new_tokens=512, do_sample=True, temperature=0.7, top_p=0.95, top_k=40,
+                   repetition_penalty=1.1)
 WALKTHROUGH_SYSTEM = "You are a helpful, respectful and honest assistant."
 
 # The library's words for a setting, in its error messages -> the flag a CLI user types. Applied
 # in order to every error line the CLI prints (see in_cli_words).
 API_TO_FLAGS = (
-    (r"\bdo_sample=False\b", "--greedy"),
-    (r"\bdo_sample=True\b", "--sample"),
+    # do_sample=True -> --sample, do_sample=False -> --greedy (the switch's words, tracer/knobs.py)
+    *((rf"\b{SWITCH.name}={value}\b", f"--{SWITCH.word(value)}") for value in (True, False)),
     (r"\bcapture='(\w+)'", r"--capture \1"),
     (r"\bbudget_bytes=([\d.]+) MB", r"--budget-mb \1"),
     (r"\bpoints=", "--points "),
@@ -69,7 +65,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the small embedded model)")
     p.add_argument("--gguf-file", default=None, help="which GGUF file of a folder or hub repo holding several")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--dtype", default=dtypes.AUTO, choices=[dtypes.AUTO, *dtypes.RUNTIME],
+                   help="auto: float32 on a CPU (16-bit where float32 would not fit in memory), the "
+                        "checkpoint's dtype on CUDA")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--token", default=None, help="hub token for gated repos (or set HF_TOKEN)")
     p.add_argument("--matvec", default="auto", choices=["auto", "kernel", "torch"],
@@ -84,15 +82,34 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         "Llama 2 vocabulary without a template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
-    p.add_argument("--sample", action="store_true", help="sampling (do_sample=True)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    _add_knob_args(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--walkthrough", action="store_true",
-                   help="the walkthrough's settings: 512 tokens, T=0.7, top-k 40, top-p 0.95, penalty 1.1")
+                   help=f"the walkthrough's settings: {as_flags(WALKTHROUGH)}")
+
+
+def _add_knob_args(p: argparse.ArgumentParser) -> None:
+    """A flag per sampling knob (tracer/knobs.py), the switch as one flag per setting; absent, the
+    knob keeps the model's default (its generation_config.json, else transformers')."""
+    for knob in KNOBS:
+        if knob is SWITCH:
+            for value, (word, meaning) in zip((True, False), knob.words):
+                p.add_argument(f"--{word}", dest=knob.name, action="append_const", const=value,
+                               help=f"{meaning} ({knob.name}={value})")
+        else:
+            p.add_argument(knob.flag, dest=knob.name, type=knob.type, default=None,
+                           help=f"{knob.help} (transformers' default: {knob.default})")
+
+
+def as_flags(settings: dict) -> str:
+    """Keyword arguments as the flags that give them: ``{"top_k": 40}`` -> ``--top-k 40``."""
+    flags = []
+    for name, value in settings.items():
+        if name == SWITCH.name:
+            flags.append(f"--{SWITCH.word(value)}")
+        else:
+            flags.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,13 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generation_kwargs(args) -> dict:
     kw = dict(WALKTHROUGH) if args.walkthrough else {}
-    if args.greedy and args.sample:
-        raise TracerError("--greedy and --sample contradict each other; pick one")
-    if args.greedy:
-        kw["do_sample"] = False
-    if args.sample:
-        kw["do_sample"] = True
-    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+    switch = set(getattr(args, SWITCH.name) or ())
+    if len(switch) > 1:
+        raise TracerError(f"--{SWITCH.word(True)} and --{SWITCH.word(False)} contradict each other; pick one")
+    if switch:
+        kw[SWITCH.name] = switch.pop()
+    for name in ("max_new_tokens", *(k.name for k in KNOBS if k is not SWITCH), "seed"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value

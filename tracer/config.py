@@ -13,14 +13,14 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from . import dtypes
 from .errors import ConfigError
+from .knobs import KNOBS, Knobs
 
-# Bytes per element of the dtypes a checkpoint or a runtime can use ("7B x 2 bytes = 14 GB").
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 _LLAMA_ARCHS = ("LlamaForCausalLM", "LlamaModel")
 
@@ -40,6 +40,13 @@ class RopeConfig:
     freq_factors: tuple[float, ...] | None = None
 
 
+def _size(default: Any = MISSING) -> Any:
+    """A dimension or a count: a positive integer, read from config.json under its own name
+    (required there when it has no default). ``_parse_scalars`` and ``_validate`` take the list of
+    sizes from these fields."""
+    return field(default=default, metadata={"size": True})
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """Everything the runtime needs to know about a Llama checkpoint's shape.
@@ -48,14 +55,14 @@ class LlamaConfig:
     heads, hd head dim, F MLP intermediate, V vocab.
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    max_position_embeddings: int = 2048
+    vocab_size: int = _size()
+    hidden_size: int = _size()
+    intermediate_size: int = _size()
+    num_hidden_layers: int = _size()
+    num_attention_heads: int = _size()
+    num_key_value_heads: int | None = _size(None)  # None: one per query head (MHA)
+    head_dim: int | None = _size(None)  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = _size(2048)
     rms_norm_eps: float = 1e-6
     rope: RopeConfig = field(default_factory=RopeConfig)
     rope_theta: float | None = None  # convenience input; folded into ``rope`` by __post_init__
@@ -66,7 +73,7 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
-    torch_dtype: str = "float32"
+    torch_dtype: str = dtypes.FLOAT32.name
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -139,7 +146,7 @@ class LlamaConfig:
         return batch * tokens * per_token * dtype_bytes(dtype)
 
     def memory_table(self) -> list[dict[str, Any]]:
-        """The walkthrough's arithmetic: weights in fp32, fp16 and bf16 (bytes and GB)."""
+        """The walkthrough's arithmetic: the weights in each runtime dtype (bytes and GB)."""
         return [
             {
                 "dtype": d,
@@ -147,7 +154,7 @@ class LlamaConfig:
                 "bytes": self.memory_bytes(d),
                 "gb": self.memory_bytes(d) / 1e9,
             }
-            for d in ("float32", "float16", "bfloat16")
+            for d in dtypes.RUNTIME
         ]
 
     @classmethod
@@ -216,12 +223,18 @@ class LlamaConfig:
         return d
 
 
+# Fields of LlamaConfig by kind, read off the dataclass: the sizes (positive integers) and the flags
+# (booleans), each parsed and checked by one loop.
+_SIZES: tuple[Field, ...] = tuple(f for f in fields(LlamaConfig) if f.metadata.get("size"))
+_FLAGS: tuple[Field, ...] = tuple(f for f in fields(LlamaConfig) if f.type == "bool")
+
+
 def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a dtype name ('float16', 'bfloat16', 'float32', 'float64')."""
-    name = str(dtype).replace("torch.", "")
-    if name not in DTYPE_BYTES:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[name]
+    """Bytes per element ("7B x 2 bytes = 14 GB") of a dtype, by name or as a torch dtype."""
+    name = dtypes.name_of(dtype)
+    if name not in dtypes.BY_NAME:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(dtypes.BY_NAME)}")
+    return dtypes.BY_NAME[name].bytes
 
 
 def read_json(path: str | Path, error: type[Exception]) -> dict[str, Any]:
@@ -543,12 +556,12 @@ def _parse_dtype(raw: dict, source: str, notes: list[str]) -> str:
     dtype, torch_dtype = raw.get("dtype"), raw.get("torch_dtype")
     key, value = ("dtype", dtype) if dtype is not None else ("torch_dtype", torch_dtype)
     if value is None:
-        return "float32"
-    if isinstance(value, str) and value.startswith("torch.") and value[6:] in DTYPE_BYTES:
+        return dtypes.FLOAT32.name
+    if isinstance(value, str) and value.startswith("torch.") and value[6:] in dtypes.BY_NAME:
         raise ConfigError(f"{source}: {key} {value!r} is not a dtype name transformers can read "
                           f"(it looks the name up in torch and fails); write {value[6:]!r}")
-    if not isinstance(value, str) or value not in DTYPE_BYTES:
-        raise ConfigError(f"{source}: {key} {value!r} is not one of {sorted(DTYPE_BYTES)}, the dtypes this "
+    if not isinstance(value, str) or value not in dtypes.BY_NAME:
+        raise ConfigError(f"{source}: {key} {value!r} is not one of {sorted(dtypes.BY_NAME)}, the dtypes this "
                           "runtime computes in")
     if torch_dtype is not None and torch_dtype != value:
         notes.append(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; transformers reads dtype "
@@ -588,10 +601,10 @@ def _check_types(raw: dict, source: str) -> None:
         v = raw.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ConfigError(f"{source}: {key} must be an integer or null, got {v!r}")
-    for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-        v = raw.get(key, False)
+    for flag in _FLAGS:
+        v = raw.get(flag.name, flag.default)
         if not isinstance(v, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {v!r}")
+            raise ConfigError(f"{source}: {flag.name} must be true or false, got {v!r}")
     for key, types in _UNUSED_TYPED_FIELDS.items():
         v = raw.get(key)
         if key in raw and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
@@ -600,18 +613,16 @@ def _check_types(raw: dict, source: str) -> None:
 
 def _parse_scalars(raw: dict, source: str) -> dict[str, Any]:
     """Sizes, norms and the activation, with transformers' defaults for absent keys."""
+    key = "max_position_embeddings"  # the one optional size whose null transformers refuses
+    if key in raw and raw[key] is None:
+        default = next(f.default for f in _SIZES if f.name == key)
+        raise ConfigError(f"{source}: field {key!r} is null; transformers requires an integer (remove the "
+                          f"key for the default {default})")
     fields: dict[str, Any] = {
-        key: _int_field(raw, key, source, required=True)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads")
+        f.name: _int_field(raw, f.name, source, required=f.default is MISSING,
+                           default=None if f.default is MISSING else f.default)
+        for f in _SIZES
     }
-    fields["num_key_value_heads"] = _int_field(raw, "num_key_value_heads", source, required=False)
-    fields["head_dim"] = _int_field(raw, "head_dim", source, required=False)
-    if raw.get("max_position_embeddings", 2048) is None:
-        raise ConfigError(f"{source}: field 'max_position_embeddings' is null; transformers requires an "
-                          "integer (remove the key for the default 2048)")
-    fields["max_position_embeddings"] = _int_field(
-        raw, "max_position_embeddings", source, required=False, default=2048)
     eps = fields["rms_norm_eps"] = _strict_float(raw, "rms_norm_eps", source, 1e-6)
     if eps <= 0:  # transformers runs it; a zero or negative eps divides by zero on a zero row
         raise ConfigError(f"{source}: rms_norm_eps must be positive, got {eps}")
@@ -635,9 +646,7 @@ def _parse(raw: dict[str, Any], source: str) -> LlamaConfig:
         config = LlamaConfig(
             **fields,
             rope=_parse_rope(raw, source, fields["max_position_embeddings"], notes),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            attention_bias=raw.get("attention_bias", False),
-            mlp_bias=raw.get("mlp_bias", False),
+            **{flag.name: raw.get(flag.name, flag.default) for flag in _FLAGS},
             bos_token_id=raw.get("bos_token_id", 1),
             eos_token_id=_parse_eos(raw, source),
             pad_token_id=raw.get("pad_token_id"),
@@ -654,18 +663,12 @@ def _parse(raw: dict[str, Any], source: str) -> LlamaConfig:
 
 
 def _validate(c: LlamaConfig) -> None:
-    for key in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "max_position_embeddings",
-    ):
-        v = getattr(c, key)
+    for size in _SIZES:
+        v = getattr(c, size.name)
+        if v is None and size.default is None:
+            continue  # head_dim: derived once the sizes are known good
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+            raise ConfigError(f"{size.name} must be a positive integer, got {v!r}")
     if c.hidden_size % c.num_attention_heads:
         if c.head_dim is None:
             raise ConfigError(
@@ -700,14 +703,10 @@ def _validate(c: LlamaConfig) -> None:
 
 
 @dataclass(frozen=True)
-class GenerationDefaults:
-    """Sampling defaults: transformers' GenerationConfig defaults, then generation_config.json."""
+class GenerationDefaults(Knobs):
+    """Sampling defaults: transformers' GenerationConfig defaults (the knobs of ``tracer/knobs.py``),
+    then generation_config.json; with the length and end tokens it gives."""
 
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
     max_new_tokens: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     source: str = "transformers defaults"
@@ -720,19 +719,14 @@ class GenerationDefaults:
             return base
         raw = read_json(path, ConfigError)
         updates: dict[str, Any] = {"source": str(path)}
-        checks = {
-            "do_sample": (bool,),
-            "temperature": (int, float),
-            "top_k": (int,),
-            "top_p": (int, float),
-            "repetition_penalty": (int, float),
-            "max_new_tokens": (int,),
-        }
-        for key, types in checks.items():
+        # A knob or max_new_tokens of the wrong type makes transformers refuse the file: so here.
+        checks = {k.name: k.accepts for k in KNOBS}
+        checks["max_new_tokens"] = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        for key, accepts in checks.items():
             if raw.get(key) is None:
                 continue
             value = raw[key]
-            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            if not accepts(value):
                 raise ConfigError(f"{path}: field {key!r} has the wrong type: {value!r}")
             updates[key] = value
         eos = raw.get("eos_token_id")

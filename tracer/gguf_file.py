@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import dtypes
 from .errors import CheckpointError
-from .safetensors_file import view_in
+from .safetensors_file import map_file, view_in
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 counted in 32 bits; llama.cpp dropped it in 2023
@@ -99,7 +100,7 @@ class GGUFTensor:
     def stored(self) -> str:
         """How the tensor is stored, as the load trace names it ("float16", "Q4_1", ...)."""
         plain = PLAIN.get(self.type_name)
-        return str(plain).replace("torch.", "") if plain is not None else self.type_name
+        return dtypes.name_of(plain) if plain is not None else self.type_name
 
     @property
     def row_bytes(self) -> int:
@@ -297,8 +298,8 @@ class GGUFFile:
         if every tensor is F32, else float16 (block scales are float16 in every llama.cpp type)."""
         types = set(self.type_counts())
         if "BF16" in types:
-            return "bfloat16"
-        return "float32" if types == {"F32"} else "float16"
+            return dtypes.BFLOAT16.name
+        return (dtypes.FLOAT32 if types == {"F32"} else dtypes.FLOAT16).name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,22 +459,13 @@ class GGUFWeights:
 
     format = "gguf"
 
-    def __init__(self, g: GGUFFile, *, heads: int, kv_heads: int, map_file_: bool) -> None:
+    def __init__(self, g: GGUFFile, *, heads: int, kv_heads: int, mapped: bool) -> None:
         self.path, self.g = g.path, g
         self.entries = {hub_name(n): t for n, t in g.tensors.items() if hub_name(n) is not None}
         self.unknown = [n for n in g.tensors if hub_name(n) is None and n != ROPE_FREQS]
         self._heads = {"q_proj": heads, "k_proj": kv_heads}
         self._f = open(self.path, "rb")
-        self._mapped = None
-        if map_file_:
-            try:
-                mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._mapped = torch.frombuffer(mm, dtype=torch.uint8)
-            except (OSError, ValueError):
-                self._mapped = None
-
-    def stored(self, name: str) -> str:
-        return self.entries[name].stored
+        self._mapped = map_file(self._f) if mapped else None
 
     def check_dtype(self, name: str) -> None:
         """Every ggml type here is a float type or blocks of one; the type itself was checked."""
@@ -489,14 +481,16 @@ class GGUFWeights:
             return None
         return view_in(self._mapped, t.begin, t.nbytes, param)
 
-    def fill(self, name: str, dest: torch.Tensor) -> None:
-        """Dequantize tensor ``name`` into ``dest`` (cast to its dtype and device), rows in chunks."""
+    def fill(self, name: str, dest: torch.Tensor, upload=None) -> None:
+        """Dequantize tensor ``name`` into ``dest`` (cast to its dtype), rows in chunks. On a GPU,
+        ``upload`` (a tracer.checkpoint.StagedUpload) moves each chunk and casts it on the device."""
         t = self.entries[name]
         heads = self._permuted_heads(name)
+        put = upload.put if upload is not None else torch.Tensor.copy_
         if len(t.shape) == 1:  # a norm or a bias: small, in one read
             raw = _read(self._f, t.begin, t.nbytes, self.path, t.name)
             values = torch.from_numpy(self._values(raw, t)).reshape(-1)
-            dest.copy_(unpermute_rows(values, heads) if heads else values)
+            put(dest, unpermute_rows(values, heads) if heads else values)
             return
         rows = t.shape[0]
         step = self._chunk_rows(t, rows, heads)
@@ -507,7 +501,7 @@ class GGUFWeights:
             chunk = torch.from_numpy(self._values(raw, t)).view(r1 - r0, -1)
             if heads:
                 chunk = unpermute_rows(chunk, (r1 - r0) * heads // rows)
-            flat[r0:r1].copy_(chunk)
+            put(flat[r0:r1], chunk)
 
     @staticmethod
     def _chunk_rows(t: GGUFTensor, rows: int, heads: int | None) -> int:

@@ -1,32 +1,15 @@
 """Named hook points: the places in the forward pass where a tensor can be read or replaced.
 
-Every name is built here, once (``point_names``), and the model, the trace, the notebooks and the
-tests all use these names. A hook point is a plain callable object (not an ``nn.Module``) so that an
-idle point costs one attribute check in the hot loop. Functions attach only inside context managers
-that always detach them (TransformerLens' ``hooks()`` idea), so no state leaks between runs.
+:data:`POINTS` below is the one declaration of them: each point's name, its shape (in the shape
+alphabet :data:`DIMS`), the class of ``tracer/model.py`` whose forward fires it, what it is, and
+TransformerLens' name for the same place. Everything else is derived from it: the names
+(:func:`point_names`), the shapes (:func:`point_shapes`), the TransformerLens table, the README's
+table (:func:`markdown_table`, checked by tests/test_hooks.py), and the model's own points (it
+builds each from its declared :class:`Point`, e.g. ``ATTN_PATTERN.at(layer)``).
 
-Names, with shapes (B batch, T new tokens, S keys so far, D hidden, H heads, Hkv KV heads, hd head
-dim, F intermediate, V vocab):
-
-=========================  ======================  =============================================
-name                       shape                   what
-=========================  ======================  =============================================
-embed                      [B, T, D]               token embeddings (the residual stream starts)
-blocks.{i}.ln1             [B, T, D]               RMSNorm before attention
-blocks.{i}.attn.q          [B, T, H, hd]           queries after RoPE
-blocks.{i}.attn.k          [B, T, Hkv, hd]         keys of the new tokens after RoPE
-blocks.{i}.attn.v          [B, T, Hkv, hd]         values of the new tokens
-blocks.{i}.attn.pattern    [B, H, T, S]            softmax attention weights (explicit path)
-blocks.{i}.attn.z          [B, T, H, hd]           per-head attention output, before o_proj
-blocks.{i}.attn.out        [B, T, D]               attention output after o_proj
-blocks.{i}.resid_mid       [B, T, D]               residual after the attention add
-blocks.{i}.ln2             [B, T, D]               RMSNorm before the MLP
-blocks.{i}.mlp.act         [B, T, F]               silu(gate) * up
-blocks.{i}.mlp.out         [B, T, D]               MLP output after down_proj
-blocks.{i}.resid_post      [B, T, D]               residual after the MLP add (block output)
-final_norm                 [B, T, D]               final RMSNorm
-logits                     [B, T, V]               lm_head output
-=========================  ======================  =============================================
+A hook point is a plain callable object (not an ``nn.Module``) so that an idle point costs one
+attribute check in the hot loop. Functions attach only inside context managers that always detach
+them (TransformerLens' ``hooks()`` idea), so no state leaks between runs.
 """
 
 from __future__ import annotations
@@ -42,54 +25,119 @@ import torch
 
 from .errors import TraceError
 
-BLOCK_POINTS = (
-    "ln1",
-    "attn.q",
-    "attn.k",
-    "attn.v",
-    "attn.pattern",
-    "attn.z",
-    "attn.out",
-    "resid_mid",
-    "ln2",
-    "mlp.act",
-    "mlp.out",
-    "resid_post",
-)
-TOP_POINTS_BEFORE = ("embed",)
-TOP_POINTS_AFTER = ("final_norm", "logits")
-
-# TransformerLens names for the same places, for people porting their habits.
-TRANSFORMERLENS_NAMES = {
-    "embed": "hook_embed",
-    "blocks.{i}.ln1": "blocks.{i}.ln1.hook_normalized",
-    "blocks.{i}.attn.q": "blocks.{i}.attn.hook_rot_q",
-    "blocks.{i}.attn.k": "blocks.{i}.attn.hook_rot_k",
-    "blocks.{i}.attn.v": "blocks.{i}.attn.hook_v",
-    "blocks.{i}.attn.pattern": "blocks.{i}.attn.hook_pattern",
-    "blocks.{i}.attn.z": "blocks.{i}.attn.hook_z",
-    "blocks.{i}.attn.out": "blocks.{i}.hook_attn_out",
-    "blocks.{i}.resid_mid": "blocks.{i}.hook_resid_mid",
-    "blocks.{i}.ln2": "blocks.{i}.ln2.hook_normalized",
-    "blocks.{i}.mlp.act": "blocks.{i}.mlp.hook_post",
-    "blocks.{i}.mlp.out": "blocks.{i}.hook_mlp_out",
-    "blocks.{i}.resid_post": "blocks.{i}.hook_resid_post",
-    "final_norm": "ln_final.hook_normalized",
-    "logits": "(model output)",
-}
+# The shape alphabet: each letter a point's shape is written in, and what that dimension is.
+DIMS = {"B": "batch", "T": "position", "S": "key position", "D": "hidden", "H": "head",
+        "Hkv": "KV head", "hd": "head dim", "F": "MLP hidden", "V": "vocab"}
+BLOCK_PREFIX = "blocks"  # a per-block point's full name: blocks.{layer}.{name}
 
 
-def block_point(layer: int, point: str) -> str:
+@dataclass(frozen=True)
+class Point:
+    """One declared hook point.
+
+    ``name`` is the full name of a top-level point ("embed") or, for a point in every block
+    (``per_block``), its name inside the block ("attn.q"). ``shape`` is written in :data:`DIMS`'
+    letters; ``fires_in`` is the ``tracer.model`` class whose forward passes the tensor through it.
+    """
+
+    name: str
+    per_block: bool
+    shape: tuple[str, ...]
+    fires_in: str
+    what: str
+    transformerlens: str
+
+    def at(self, layer: int | None = None) -> str:
+        """The full name: ``ATTN_Q.at(3)`` -> "blocks.3.attn.q"; a top-level point takes no layer."""
+        if self.per_block != (layer is not None):
+            raise ValueError(f"{self.name!r}: a layer is needed exactly for a per-block point")
+        return block_point(layer, self.name) if self.per_block else self.name
+
+    @property
+    def template(self) -> str:
+        """The name with the layer as ``{i}`` ("blocks.{i}.attn.q"), as the docs write it."""
+        return block_point("{i}", self.name) if self.per_block else self.name
+
+    @property
+    def glob(self) -> str:
+        """The pattern matching this point in every layer ("blocks.*.attn.q")."""
+        return block_point("*", self.name) if self.per_block else self.name
+
+
+def _top(name: str, shape: str, fires_in: str, transformerlens: str, what: str) -> Point:
+    return Point(name, False, tuple(shape.split()), fires_in, what, transformerlens)
+
+
+def _block(name: str, shape: str, fires_in: str, transformerlens: str, what: str) -> Point:
+    return Point(name, True, tuple(shape.split()), fires_in, what, block_point("{i}", transformerlens))
+
+
+def block_point(layer: int | str, point: str) -> str:
     """The full name of a per-block point, e.g. ``block_point(3, "attn.pattern")``."""
-    return f"blocks.{layer}.{point}"
+    return f"{BLOCK_PREFIX}.{layer}.{point}"
+
+
+# The declaration, in forward order (the per-block points run once per layer, in place of
+# this group). Shapes in the alphabet of DIMS; S = cached + new keys.
+#                   name            shape          fires in      TransformerLens            what
+EMBED = _top(       "embed",        "B T D",       "LlamaModel", "hook_embed",              "token embeddings (the residual stream starts)")
+LN1 = _block(       "ln1",          "B T D",       "Block",      "ln1.hook_normalized",     "RMSNorm before attention")
+ATTN_Q = _block(    "attn.q",       "B T H hd",    "Attention",  "attn.hook_rot_q",         "queries after RoPE")
+ATTN_K = _block(    "attn.k",       "B T Hkv hd",  "Attention",  "attn.hook_rot_k",         "keys of the new tokens after RoPE")
+ATTN_V = _block(    "attn.v",       "B T Hkv hd",  "Attention",  "attn.hook_v",             "values of the new tokens")
+ATTN_PATTERN = _block("attn.pattern", "B H T S",   "Attention",  "attn.hook_pattern",       "softmax attention weights (hooked: that layer computes them explicitly)")
+ATTN_Z = _block(    "attn.z",       "B T H hd",    "Attention",  "attn.hook_z",             "per-head attention output, before o_proj")
+ATTN_OUT = _block(  "attn.out",     "B T D",       "Attention",  "hook_attn_out",           "attention output after o_proj")
+RESID_MID = _block( "resid_mid",    "B T D",       "Block",      "hook_resid_mid",          "residual after the attention add")
+LN2 = _block(       "ln2",          "B T D",       "Block",      "ln2.hook_normalized",     "RMSNorm before the MLP")
+MLP_ACT = _block(   "mlp.act",      "B T F",       "MLP",        "mlp.hook_post",           "silu(gate) * up")
+MLP_OUT = _block(   "mlp.out",      "B T D",       "MLP",        "hook_mlp_out",            "MLP output after down_proj")
+RESID_POST = _block("resid_post",   "B T D",       "Block",      "hook_resid_post",         "residual after the MLP add (block output)")
+FINAL_NORM = _top(  "final_norm",   "B T D",       "LlamaModel", "ln_final.hook_normalized", "final RMSNorm")
+LOGITS = _top(      "logits",       "B T V",       "LlamaModel", "(the model's output)",    "lm_head output")
+
+POINTS = (EMBED, LN1, ATTN_Q, ATTN_K, ATTN_V, ATTN_PATTERN, ATTN_Z, ATTN_OUT, RESID_MID, LN2, MLP_ACT,
+          MLP_OUT, RESID_POST, FINAL_NORM, LOGITS)
+
+# Derived views of the declaration.
+BLOCK_POINTS = tuple(p.name for p in POINTS if p.per_block)  # names inside a block, forward order
+TRANSFORMERLENS_NAMES = {p.template: p.transformerlens for p in POINTS}  # for people porting habits
+_BY_TEMPLATE = {p.template: p for p in POINTS}
+_LAYER_IN_NAME = re.compile(rf"(?<=^{BLOCK_PREFIX})\.\d+\.")
+
+
+def expand(num_layers: int) -> Iterator[tuple[str, Point]]:
+    """(full name, declared point) for every hook point of a model of ``num_layers`` blocks, in
+    forward order: the per-block points run once per layer where the first of them is declared."""
+    block = [p for p in POINTS if p.per_block]
+    for p in POINTS:
+        if not p.per_block:
+            yield p.at(), p
+        elif p is block[0]:
+            for i in range(num_layers):
+                yield from ((q.at(i), q) for q in block)
 
 
 def point_names(num_layers: int) -> list[str]:
     """Every hook point name in forward order."""
-    names = list(TOP_POINTS_BEFORE)
-    for i in range(num_layers):
-        names += [block_point(i, p) for p in BLOCK_POINTS]
-    return names + list(TOP_POINTS_AFTER)
+    return [name for name, _ in expand(num_layers)]
+
+
+def declared(name: str) -> Point | None:
+    """The declared :class:`Point` a full name is an instance of ("blocks.3.attn.q" -> ATTN_Q)."""
+    return _BY_TEMPLATE.get(_LAYER_IN_NAME.sub(".{i}.", name, count=1))
+
+
+def markdown_table() -> str:
+    """The declaration as the README's table (tests/test_hooks.py checks that they are equal)."""
+    def code(text: str) -> str:
+        return text if " " in text else f"`{text}`"  # "(the model's output)" is no name
+
+    rows = ["| name | shape | fires in | what | TransformerLens |", "|---|---|---|---|---|"]
+    rows += [f"| `{p.template}` | [{', '.join(p.shape)}] | `{p.fires_in}` | {p.what} | {code(p.transformerlens)} |"
+             for p in POINTS]
+    legend = ", ".join(f"{letter} {word}" for letter, word in DIMS.items())
+    return "\n".join(rows) + f"\n\nShapes: {legend} (S counts the cached keys and the new ones)."
 
 
 class UnknownHookPoint(TraceError, KeyError):
@@ -142,11 +190,6 @@ class HookPoint:
     def __init__(self, name: str) -> None:
         self.name = name
         self.fns: list[HookFn] = []
-
-    @property
-    def active(self) -> bool:
-        """True when some function is attached (the model then takes explicit paths if needed)."""
-        return bool(self.fns)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fns:
@@ -245,26 +288,27 @@ class HookRegistry:
             yield rec
 
 
+def gather(owners: Iterable[object], num_layers: int) -> HookRegistry:
+    """The registry of the :class:`HookPoint` attributes of ``owners`` (a model's modules), in
+    declared order. Every declared point must be there once, and nothing else."""
+    found: dict[str, HookPoint] = {}
+    for owner in owners:
+        for point in vars(owner).values():
+            if isinstance(point, HookPoint):
+                if point.name in found:
+                    raise ValueError(f"hook point {point.name!r} is made twice")
+                found[point.name] = point
+    names = point_names(num_layers)
+    if set(found) != set(names):
+        raise ValueError(f"hook points not declared in tracer.hooks: {sorted(set(found) - set(names))}; "
+                         f"declared but not made: {sorted(set(names) - set(found))}")
+    return HookRegistry(found[n] for n in names)
+
+
 def point_shapes(cfg, T: int, S: int, B: int = 1) -> dict[str, tuple[int, ...]]:
     """The shape of every point for a forward of T new tokens with S keys in total (S = cached + T)."""
-    D, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    per_block = {
-        "ln1": (B, T, D),
-        "attn.q": (B, T, H, hd),
-        "attn.k": (B, T, Hkv, hd),
-        "attn.v": (B, T, Hkv, hd),
-        "attn.pattern": (B, H, T, S),
-        "attn.z": (B, T, H, hd),
-        "attn.out": (B, T, D),
-        "resid_mid": (B, T, D),
-        "ln2": (B, T, D),
-        "mlp.act": (B, T, cfg.intermediate_size),
-        "mlp.out": (B, T, D),
-        "resid_post": (B, T, D),
-    }
-    shapes = {"embed": (B, T, D)}
-    for i in range(cfg.num_hidden_layers):
-        shapes.update({block_point(i, p): s for p, s in per_block.items()})
-    shapes["final_norm"] = (B, T, D)
-    shapes["logits"] = (B, T, cfg.vocab_size)
-    return shapes
+    size = {"B": B, "T": T, "S": S, "D": cfg.hidden_size, "H": cfg.num_attention_heads,
+            "Hkv": cfg.num_key_value_heads, "hd": cfg.head_dim, "F": cfg.intermediate_size,
+            "V": cfg.vocab_size}
+    shape = {p: tuple(size[d] for d in p.shape) for p in POINTS}
+    return {name: shape[p] for name, p in expand(cfg.num_hidden_layers)}

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hooks
 from .config import LlamaConfig
-from .hooks import BLOCK_POINTS, HookPoint, HookRegistry, block_point
+from .hooks import HookPoint
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (math as small functions)
@@ -270,10 +271,12 @@ class Attention(nn.Module):
         self.qkv = Stacked()  # q_proj, k_proj and v_proj: three matrices, one product
         self.wo = nn.Linear(self.q_size, D, bias=bias, device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.hook_q, self.hook_k, self.hook_v, self.hook_pattern, self.hook_z, self.hook_out = (
-            HookPoint(block_point(layer, p))
-            for p in ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out")
-        )
+        self.hook_q = HookPoint(hooks.ATTN_Q.at(layer))
+        self.hook_k = HookPoint(hooks.ATTN_K.at(layer))
+        self.hook_v = HookPoint(hooks.ATTN_V.at(layer))
+        self.hook_pattern = HookPoint(hooks.ATTN_PATTERN.at(layer))
+        self.hook_z = HookPoint(hooks.ATTN_Z.at(layer))
+        self.hook_out = HookPoint(hooks.ATTN_OUT.at(layer))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, cache: KVCache | None
@@ -327,8 +330,8 @@ class MLP(nn.Module):
         self.w_up = nn.Linear(D, self.ffn, bias=bias, device=device, dtype=dtype)
         self.gate_up = Stacked()
         self.w_down = nn.Linear(self.ffn, D, bias=bias, device=device, dtype=dtype)
-        self.hook_act = HookPoint(block_point(layer, "mlp.act"))
-        self.hook_out = HookPoint(block_point(layer, "mlp.out"))
+        self.hook_act = HookPoint(hooks.MLP_ACT.at(layer))
+        self.hook_out = HookPoint(hooks.MLP_OUT.at(layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x, self.w_gate, self.w_up).split(self.ffn, dim=-1)  # [B, T, F] each
@@ -345,18 +348,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer, device, dtype)
         self.ln2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         self.mlp = MLP(cfg, layer, device, dtype)
-        self.hook_ln1 = HookPoint(block_point(layer, "ln1"))
-        self.hook_resid_mid = HookPoint(block_point(layer, "resid_mid"))
-        self.hook_ln2 = HookPoint(block_point(layer, "ln2"))
-        self.hook_resid_post = HookPoint(block_point(layer, "resid_post"))
-
-    def hook_points(self) -> list[HookPoint]:
-        """This block's points in forward order (matches ``hooks.BLOCK_POINTS``)."""
-        a, m = self.attn, self.mlp
-        return [
-            self.hook_ln1, a.hook_q, a.hook_k, a.hook_v, a.hook_pattern, a.hook_z, a.hook_out,
-            self.hook_resid_mid, self.hook_ln2, m.hook_act, m.hook_out, self.hook_resid_post,
-        ]
+        self.hook_ln1 = HookPoint(hooks.LN1.at(layer))
+        self.hook_resid_mid = HookPoint(hooks.RESID_MID.at(layer))
+        self.hook_ln2 = HookPoint(hooks.LN2.at(layer))
+        self.hook_resid_post = HookPoint(hooks.RESID_POST.at(layer))
 
     def forward(self, x, cos, sin, start: int, cache: KVCache | None):
         """This layer's output [B, T, D] (see :meth:`Attention.forward` for ``start`` and ``cache``)."""
@@ -382,14 +377,11 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             # Tied embeddings: the output projection is the input embedding matrix, one Parameter.
             self.lm_head.weight = self.embed.weight
-        self.hook_embed = HookPoint("embed")
-        self.hook_final_norm = HookPoint("final_norm")
-        self.hook_logits = HookPoint("logits")
-        points = [self.hook_embed]
-        for b in self.blocks:
-            points += b.hook_points()
-        self.hooks = HookRegistry(points + [self.hook_final_norm, self.hook_logits])
-        assert [p.split(".", 2)[-1] for p in self.hooks if p.startswith("blocks.0.")] == list(BLOCK_POINTS)
+        self.hook_embed = HookPoint(hooks.EMBED.at())
+        self.hook_final_norm = HookPoint(hooks.FINAL_NORM.at())
+        self.hook_logits = HookPoint(hooks.LOGITS.at())
+        # Every module's points, in the order tracer.hooks declares them (which checks they all exist).
+        self.hooks = hooks.gather(self.modules(), cfg.num_hidden_layers)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import dtypes
 from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a bigger header is corrupt or hostile
@@ -52,7 +53,7 @@ class TensorEntry:
     @property
     def stored(self) -> str:
         """How the tensor is stored, as the load trace names it ("float16", ...)."""
-        return str(self.dtype).replace("torch.", "")
+        return dtypes.name_of(self.dtype)
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -114,12 +115,12 @@ def _entry(path: Path, name: str, info, data_start: int, size: int) -> TensorEnt
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, nbytes)
 
 
-def read_into(f, entry: TensorEntry, path: Path, out: torch.Tensor) -> None:
-    """Read ``entry``'s raw bytes into the contiguous CPU byte view ``out``."""
-    f.seek(entry.begin)
-    got = f.readinto(memoryview(out.numpy()).cast("B")) if entry.nbytes else 0
-    if got != entry.nbytes:
-        raise CheckpointError(f"{path}: tensor {entry.name!r} is truncated ({got} of {entry.nbytes} bytes)")
+def read_into(f, entry: TensorEntry, path: Path, out: torch.Tensor, offset: int = 0) -> None:
+    """Read bytes [offset, offset + len(out)) of ``entry`` into the contiguous CPU byte tensor ``out``."""
+    f.seek(entry.begin + offset)
+    got = f.readinto(memoryview(out.numpy()).cast("B")) if out.numel() else 0
+    if got != out.numel():
+        raise CheckpointError(f"{path}: tensor {entry.name!r} is truncated ({offset + got} of {entry.nbytes} bytes)")
 
 
 def read_tensor(f, entry: TensorEntry, path: Path) -> torch.Tensor:
@@ -151,21 +152,17 @@ class SafetensorsFile:
     """One safetensors weight file, opened for the tensor-by-tensor loader.
 
     ``entries`` are keyed by hub tensor name (the checkpoint's own names); ``fill`` copies a tensor
-    into a parameter (cast and moved by ``copy_``); ``view`` returns the parameter's weights as a
-    view of the mapped file when they lie there as the parameter wants them (CPU, same dtype).
+    into a parameter; ``view`` returns the parameter's weights as a view of the mapped file when
+    they lie there as the parameter wants them (CPU, same dtype).
     """
 
     format = "safetensors"
 
-    def __init__(self, path: Path, *, map_file_: bool) -> None:
+    def __init__(self, path: Path, *, mapped: bool) -> None:
         self.path = path
         self.entries = read_header(path)
         self._f = open(path, "rb")
-        self._mapped = map_file(self._f) if map_file_ else None
-
-    def stored(self, name: str) -> str:
-        """How tensor ``name`` is stored ("float16", "bfloat16", ...)."""
-        return self.entries[name].stored
+        self._mapped = map_file(self._f) if mapped else None
 
     def check_dtype(self, name: str) -> None:
         """Refuse integer or boolean weights (a float model cannot use them)."""
@@ -180,11 +177,15 @@ class SafetensorsFile:
             return None
         return view_in(self._mapped, entry.begin, entry.nbytes, param)
 
-    def fill(self, name: str, dest: torch.Tensor) -> None:
-        """Copy tensor ``name`` into ``dest``: straight into it when dtype and device allow, else
-        through a one-tensor buffer that ``copy_`` casts and moves."""
+    def fill(self, name: str, dest: torch.Tensor, upload=None) -> None:
+        """Copy tensor ``name`` into ``dest``. On a GPU, ``upload`` (a tracer.checkpoint.StagedUpload)
+        reads the stored bytes into its pinned buffers and casts on the device. On the CPU, straight
+        into ``dest`` when the dtype matches, else through a one-tensor buffer that ``copy_`` casts."""
         entry = self.entries[name]
-        if dest.device.type == "cpu" and entry.dtype == dest.dtype and dest.is_contiguous() and entry.nbytes:
+        if upload is not None:
+            upload.write(dest, entry.dtype, entry.nbytes,
+                         lambda buf, offset: read_into(self._f, entry, self.path, buf, offset))
+        elif dest.device.type == "cpu" and entry.dtype == dest.dtype and dest.is_contiguous() and entry.nbytes:
             read_into(self._f, entry, self.path, dest.view(-1).view(torch.uint8))
         else:
             dest.copy_(read_tensor(self._f, entry, self.path).view(dest.shape))

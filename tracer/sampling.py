@@ -1,9 +1,10 @@
 """Stage 7 of the walkthrough: from logits to one token, stage by stage.
 
 Each stage is a small pure function ``scores [.., V] -> scores [.., V]`` so that its output can be
-recorded and plotted. The order is transformers' (``generation/utils.py``):
+recorded and plotted. The order is transformers' (``generation/utils.py``), declared once in
+:data:`CHAIN` (from which ``STAGES``, the greedy subset and the sampler's loops are derived):
 
-    repetition penalty -> temperature -> top-k -> top-p -> softmax -> multinomial | argmax
+    repetition penalty -> temperature -> top-k -> top-p -> softmax -> draw | argmax
 
 Greedy decoding applies only the processors (repetition penalty) before argmax; the warpers
 (temperature, top-k, top-p) shape a distribution to *sample* from, so they are skipped. Scores are
@@ -15,27 +16,22 @@ This module knows nothing about the model: it works on tensors and settings.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from . import knobs
 from .errors import GenerationError
+from .knobs import KNOBS, Knobs
 
 FILTERED = float("-inf")  # what a filtered-out token's score becomes
 
-# Stage names, in order, as recorded in ``sample`` trace events and shown in the notebooks.
-STAGES = ("raw", "repetition_penalty", "temperature", "top_k", "top_p", "final")
-
 
 @dataclass(frozen=True)
-class SamplingSettings:
-    """The knobs, with transformers' GenerationConfig defaults."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+class SamplingSettings(Knobs):
+    """The knobs (declared in ``tracer/knobs.py``, with transformers' GenerationConfig defaults),
+    checked as transformers checks them."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -43,12 +39,10 @@ class SamplingSettings:
 
 def validate(s: SamplingSettings) -> None:
     """Refuse values transformers refuses, with the fix in the message."""
-    def finite(name: str, v) -> None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise GenerationError(f"{name} must be a finite number, got {v!r}")
-
-    for name in ("temperature", "top_p", "repetition_penalty"):
-        finite(name, getattr(s, name))
+    for knob in KNOBS:
+        v = getattr(s, knob.name)
+        if knob.type is float and not (knob.accepts(v) and math.isfinite(v)):
+            raise GenerationError(f"{knob.name} must be a finite number, got {v!r}")
     if s.do_sample and s.temperature <= 0:
         raise GenerationError(
             f"temperature must be > 0 when sampling, got {s.temperature}; for the most likely "
@@ -112,7 +106,7 @@ def apply_top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
     sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
     cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
     drop_sorted = cumulative <= (1 - p)
-    drop_sorted[..., -1:] = False  # keep at least the most likely token
+    drop_sorted[..., -1:].fill_(False)  # keep at least the most likely token (a fill: no scalar upload)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, FILTERED)
 
@@ -125,10 +119,36 @@ def probabilities(scores: torch.Tensor) -> torch.Tensor:
 def choose(
     probs: torch.Tensor, *, do_sample: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draw one id per row: multinomial with the given generator, or argmax when greedy."""
+    """One id per row: a draw from ``probs`` with ``generator``, or the argmax when greedy.
+
+    The draw is the exponential race, ``argmax(probs / q)`` with ``q ~ Exponential(1)``: exactly
+    how ATen's ``torch.multinomial`` draws one sample (Distributions.cpp), so the same generator
+    state gives the same token as transformers' ``multinomial``, and leaves the generator where
+    multinomial would. Written out, it skips multinomial's validity checks, each a host read (a
+    GPU stall) per token; the Decoder checks the logits in its one host copy per step instead.
+    """
     if do_sample:
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        race = torch.empty_like(probs).exponential_(1, generator=generator)
+        return (probs / race).argmax(dim=-1)
     return torch.argmax(probs, dim=-1)
+
+
+def pick(
+    scores: torch.Tensor,
+    settings: SamplingSettings,
+    generator: torch.Generator | None = None,
+    *,
+    probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The one choice every capture policy makes, from the last score stage's ``scores``.
+
+    Greedy takes their argmax, as transformers does (the processed scores, not their softmax: the
+    same token, first index on ties); sampling draws from their softmax (``probs`` when the caller
+    has it already).
+    """
+    if not settings.do_sample:
+        return choose(scores, do_sample=False)
+    return choose(probabilities(scores) if probs is None else probs, do_sample=True, generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,29 +187,71 @@ def stage_effects(stages: dict[str, torch.Tensor]) -> dict[str, tuple[int, float
 
 
 # ---------------------------------------------------------------------------------------------
-# The chain
+# The chain, declared once: the sampler, the recorders, the plots and the docs all read it
+
+# What a stage is, in transformers' words: the model's output (cast to float32), a logits
+# processor (applies to greedy decoding too), a logits warper (shapes a distribution to sample
+# from), the distribution itself.
+OUTPUT, PROCESSOR, WARPER, DISTRIBUTION = "output", "processor", "warper", "distribution"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One link of the chain: its name (as recorded in ``sample`` events and shown in the
+    notebooks), its kind, and what it does to the scores."""
+
+    name: str
+    kind: str  # OUTPUT, PROCESSOR, WARPER or DISTRIBUTION
+    apply: Callable[[torch.Tensor, torch.Tensor, SamplingSettings], torch.Tensor]
+
+    def runs(self, settings: SamplingSettings) -> bool:
+        """Greedy skips the warpers: they shape a distribution to *sample* from."""
+        return self.kind != WARPER or settings.do_sample
+
+
+# A stage set by a knob is named as the knob (``top_k``): the event's settings and its stages
+# then speak of one thing with one word.
+CHAIN: tuple[Stage, ...] = (
+    # transformers casts the last position's logits to float32 before processing
+    Stage("raw", OUTPUT, lambda x, prev, s: x.float()),
+    Stage(knobs.REPETITION_PENALTY.name, PROCESSOR,
+          lambda x, prev, s: apply_repetition_penalty(x, prev, s.repetition_penalty)),
+    Stage(knobs.TEMPERATURE.name, WARPER, lambda x, prev, s: apply_temperature(x, s.temperature)),
+    Stage(knobs.TOP_K.name, WARPER, lambda x, prev, s: apply_top_k(x, s.top_k)),
+    Stage(knobs.TOP_P.name, WARPER, lambda x, prev, s: apply_top_p(x, s.top_p)),
+    Stage("final", DISTRIBUTION, lambda x, prev, s: probabilities(x)),
+)
+# Each stage by itself, for code that means one of them (``TOP_K.name``, never the string).
+RAW, REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P, FINAL = CHAIN
+STAGES = tuple(stage.name for stage in CHAIN)  # in order, as recorded and shown
+# Greedy decoding: the processors, then the argmax (drawn as the final panel).
+GREEDY_STAGES = tuple(stage.name for stage in CHAIN if stage.kind != WARPER)
+# Stages still in logit units (before any warper reshapes a distribution to sample from).
+LOGIT_STAGES = tuple(stage.name for stage in CHAIN if stage.kind in (OUTPUT, PROCESSOR))
 
 
 def stage_scores(
     logits: torch.Tensor, previous_ids: torch.Tensor, settings: SamplingSettings
 ) -> dict[str, torch.Tensor]:
-    """Every stage's output, in order: raw, repetition_penalty, temperature, top_k, top_p (scores)
-    and final (probabilities). Greedy skips the warpers: their entries equal the previous stage."""
-    s = settings
-    out: dict[str, torch.Tensor] = {"raw": logits.float()}
-    x = apply_repetition_penalty(out["raw"], previous_ids, s.repetition_penalty)
-    out["repetition_penalty"] = x
-    if s.do_sample:
-        x = apply_temperature(x, s.temperature)
-        out["temperature"] = x
-        x = apply_top_k(x, s.top_k)
-        out["top_k"] = x
-        x = apply_top_p(x, s.top_p)
-        out["top_p"] = x
-    else:
-        out["temperature"] = out["top_k"] = out["top_p"] = x
-    out["final"] = probabilities(x)
+    """Every stage's output, in :data:`CHAIN` order: raw, repetition_penalty, temperature, top_k,
+    top_p (scores) and final (probabilities). A stage that does not run (greedy's warpers) passes
+    its input on: its entry is the previous stage's tensor itself."""
+    out: dict[str, torch.Tensor] = {}
+    x = logits
+    for stage in CHAIN:
+        if stage.runs(settings):
+            x = stage.apply(x, previous_ids, settings)
+        out[stage.name] = x
     return out
+
+
+def pick_from_stages(
+    stages: dict[str, torch.Tensor], settings: SamplingSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """:func:`pick` on the output of :func:`stage_scores`: the last score stage, and the
+    distribution after it reused for a draw."""
+    *_, last_scores, distribution = CHAIN
+    return pick(stages[last_scores.name], settings, generator, probs=stages[distribution.name])
 
 
 def next_token(
@@ -198,35 +260,24 @@ def next_token(
     settings: SamplingSettings,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The same chain as :func:`stage_scores`, keeping nothing: the untraced fast path.
+    """The same chain as :func:`stage_scores`, keeping nothing (the untraced path), then :func:`pick`.
 
-    Greedy takes the argmax of the processed scores directly (softmax does not move the argmax).
+    Greedy so skips the softmax: it does not move the argmax.
     """
-    s = settings
-    x = apply_repetition_penalty(logits.float(), previous_ids, s.repetition_penalty)
-    if not s.do_sample:
-        return torch.argmax(x, dim=-1)
-    x = apply_top_p(apply_top_k(apply_temperature(x, s.temperature), s.top_k), s.top_p)
-    return choose(probabilities(x), do_sample=True, generator=generator)
+    x = logits
+    for stage in CHAIN[:-1]:  # the score stages: pick() makes the distribution only to draw
+        if stage.runs(settings):
+            x = stage.apply(x, previous_ids, settings)
+    return pick(x, settings, generator)
 
 
-def distribution(
-    logits_1d: torch.Tensor,
-    previous_ids,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-) -> torch.Tensor:
-    """The final distribution a sampler draws from, for one position's logits [V]."""
-    settings = SamplingSettings(
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-    )
+def distribution(logits_1d: torch.Tensor, previous_ids, **knob_values: bool | int | float) -> torch.Tensor:
+    """The final distribution a sampler draws from, for one position's logits [V].
+
+    ``knob_values``: knobs by name (``temperature=0.7, top_k=40``); the others keep their defaults
+    (``tracer/knobs.py``), ``do_sample`` True: the distribution is the one drawn from.
+    """
+    settings = SamplingSettings(**{knobs.DO_SAMPLE.name: True, **knob_values})
     prev = torch.as_tensor(list(previous_ids) if not torch.is_tensor(previous_ids) else previous_ids,
                            dtype=torch.long)
-    return stage_scores(logits_1d[None], prev[None], settings)["final"][0]
+    return stage_scores(logits_1d[None], prev[None], settings)[FINAL.name][0]

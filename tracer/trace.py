@@ -4,6 +4,11 @@ Stage names (these exact strings; notebooks and tests use them)::
 
     config, resolve, load_shard, tokenize, prefill, decode_step, sample, detokenize
 
+A stage is recorded with ``with trace.stage(name) as stage: ...; stage.event = ...``: the trace
+times the block, stamps the event and puts it in its place (:meth:`Trace.add`). Events are built
+from what they describe (``LoadShardEvent`` is the loader's ``ShardReport``, ``TokenizeEvent``
+takes an ``Encoding``).
+
 Every event carries its own small summaries (shapes, norms, top-k lists) even when no tensor is
 kept; ``capture="full"`` adds tensors at chosen hook points. A trace saves to one folder —
 ``events.json`` (the events), ``tensors.safetensors`` (the tensors) and ``manifest.json`` (sizes and
@@ -21,13 +26,20 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .checkpoint import ShardReport
 from .errors import TraceError
+
+if TYPE_CHECKING:
+    from .config import LlamaConfig
+    from .tokenizer import Encoding
 
 STAGES = ("config", "resolve", "load_shard", "tokenize", "prefill", "decode_step", "sample", "detokenize")
 CAPTURE_POLICIES = ("off", "light", "full")
@@ -125,6 +137,13 @@ class ConfigEvent(Event):
     runtime_dtype: str = ""
     runtime_bytes: int = 0
 
+    @classmethod
+    def from_config(cls, cfg: LlamaConfig, source: str, runtime_dtype: str) -> ConfigEvent:
+        """The event describing ``cfg`` (read from ``source``) loaded in ``runtime_dtype``."""
+        return cls(source=source, config=cfg.summary(), num_parameters=cfg.num_parameters,
+                   memory_table=cfg.memory_table(), runtime_dtype=runtime_dtype,
+                   runtime_bytes=cfg.memory_bytes(runtime_dtype))
+
 
 @dataclass
 class ResolveEvent(Event):
@@ -147,25 +166,18 @@ class ResolveEvent(Event):
 
 
 @dataclass
-class LoadShardEvent(Event):
-    """One weight file read tensor by tensor: casts, bytes, device, seconds."""
+class LoadShardEvent(Event, ShardReport):
+    """One weight file read tensor by tensor: the loader's :class:`~tracer.checkpoint.ShardReport`
+    (file, tensors, bytes, casts, device, per stored type, seconds) as a trace event. Its fields
+    are declared once, there; the event adds the stamp every event has (time, memory)."""
 
     stage: ClassVar[str] = "load_shard"
-    file: str = ""
-    index: int = 0
-    count: int = 0
-    bytes_on_disk: int = 0
-    num_tensors: int = 0
-    bytes_read: int = 0
-    bytes_in_memory: int = 0
-    casts: dict[str, int] = field(default_factory=dict)
-    device: str = ""
-    dtype: str = ""
-    unexpected: list[str] = field(default_factory=list)
-    tensors_mapped: int = 0  # of num_tensors: views of the memory-mapped file (CPU, same dtype)
-    format: str = "safetensors"  # or "gguf"
-    # Per stored type ("float16", "Q4_1"...): tensors, bytes_on_disk, bytes_in_memory, seconds.
-    by_type: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def from_report(cls, report: ShardReport, *, memory: dict[str, int] | None = None) -> LoadShardEvent:
+        """The event for a shard just loaded (it started ``report.seconds`` ago)."""
+        fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(ShardReport)}
+        return cls(time=time.time() - report.seconds, memory=dict(memory or {}), **fields)
 
 
 @dataclass
@@ -185,6 +197,11 @@ class TokenizeEvent(Event):
     pieces: list[str] = field(default_factory=list)
     added_bos: bool = False
     added_eos: bool = False
+
+    @classmethod
+    def from_encoding(cls, enc: Encoding) -> TokenizeEvent:
+        """The event describing a tokenized prompt (the fields have the :class:`Encoding`'s names)."""
+        return cls(**{f.name: getattr(enc, f.name) for f in dataclasses.fields(enc)})
 
 
 @dataclass
@@ -257,10 +274,22 @@ EVENT_TYPES: dict[str, type[Event]] = {
     )
 }
 assert tuple(EVENT_TYPES) == STAGES
+# The load's stages, listed in walkthrough order whatever order the loader meets them in:
+# resolution finds config.json, so the config is read after it but shown first.
+LOAD_STAGES = STAGES[:3]
 
 
 # ---------------------------------------------------------------------------------------------
 # The trace
+
+
+class Stage:
+    """What a ``with trace.stage(name) as stage:`` block fills in: ``stage.event``, the event it
+    describes (left None, nothing is recorded: e.g. with capture="off")."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.event: Event | None = None
 
 
 class Trace:
@@ -273,12 +302,41 @@ class Trace:
             self.add(e)
 
     def add(self, event: Event) -> Event:
-        """Append ``event``, numbering it and stamping its wall-clock time if unset."""
-        event.seq = len(self.events)
+        """Add ``event`` in its place, numbering the events and stamping its wall-clock time if unset.
+
+        Its place is the end, except that a load stage goes before the later load stages that end
+        the list (``LOAD_STAGES``: config, resolve, load_shard read in that order)."""
         if not event.time:
             event.time = time.time()
-        self.events.append(event)
+        at = len(self.events)
+        if event.stage in LOAD_STAGES:
+            later = LOAD_STAGES[LOAD_STAGES.index(event.stage) + 1:]
+            while at and self.events[at - 1].stage in later:
+                at -= 1
+        self.events.insert(at, event)
+        for seq in range(at, len(self.events)):
+            self.events[seq].seq = seq
         return event
+
+    @contextmanager
+    def stage(self, name: str, *, memory: MemoryProbe | torch.device | str | None = None) -> Iterator[Stage]:
+        """Time the block as stage ``name`` and add the event it sets (``stage.event``), stamped
+        with the block's wall-clock start and seconds and, when ``memory`` (a device, or a
+        :class:`MemoryProbe` kept open) is given, the memory after it. A block that raises, or
+        sets no event, records nothing."""
+        if name not in STAGES:
+            raise TraceError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+        stage, started, t0 = Stage(name), time.time(), time.perf_counter()
+        yield stage
+        seconds, event = time.perf_counter() - t0, stage.event
+        if event is None:
+            return
+        if event.stage != name:
+            raise TraceError(f"stage {name!r} recorded a {event.stage!r} event")
+        event.time, event.seconds = started, seconds
+        if memory is not None:
+            event.memory = memory.snapshot() if isinstance(memory, MemoryProbe) else memory_snapshot(memory)
+        self.add(event)
 
     def __len__(self) -> int:
         return len(self.events)

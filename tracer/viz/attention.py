@@ -6,6 +6,7 @@ import ipywidgets as W
 import torch
 
 from ..config import LlamaConfig
+from ..hooks import ATTN_PATTERN, declared
 from ..trace import ForwardEvent
 from .plots import attention_heads, attention_heatmap
 from .widgets import show_png
@@ -15,12 +16,11 @@ def patterns_of(event: ForwardEvent) -> dict[int, torch.Tensor]:
     """layer -> attention weights [H, T, S] from an event recorded with points 'blocks.*.attn.pattern'."""
     out = {}
     for name, t in event.tensors.items():
-        parts = name.split(".")
-        if name.endswith(".attn.pattern") and parts[0] == "blocks":
-            out[int(parts[1])] = t[0]
+        if declared(name) is ATTN_PATTERN:  # blocks.{layer}.attn.pattern
+            out[int(name.split(".")[1])] = t[0]
     if not out:
         raise ValueError("no attention patterns in this event: record with capture='full', "
-                         "points='blocks.*.attn.pattern'")
+                         f"points={ATTN_PATTERN.glob!r}")
     return dict(sorted(out.items()))
 
 

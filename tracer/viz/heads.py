@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hooks import ATTN_PATTERN, ATTN_Z, RESID_POST
+
 # ---------------------------------------------------------------------------------------------
 # The test sequence
 
@@ -148,9 +150,9 @@ def attention_patterns(llm, ids) -> torch.Tensor:
 
     Recording ``blocks.*.attn.pattern`` makes each layer compute its weights explicitly."""
     L = llm.config.num_hidden_layers
-    with llm.model.hooks.record("blocks.*.attn.pattern") as rec:
+    with llm.model.hooks.record(ATTN_PATTERN.glob) as rec:
         llm.logits(ids)
-    return torch.stack([rec[f"blocks.{i}.attn.pattern"][0].float() for i in range(L)])
+    return torch.stack([rec[ATTN_PATTERN.at(i)][0].float() for i in range(L)])
 
 
 @torch.inference_mode()
@@ -159,9 +161,9 @@ def logit_lens_probs(llm, ids, position: int = -1) -> torch.Tensor:
     the final norm and lm_head as if it were the last layer, as probabilities. The last row is the
     model's own next-token distribution."""
     L = llm.config.num_hidden_layers
-    with llm.model.hooks.record("blocks.*.resid_post") as rec:
+    with llm.model.hooks.record(RESID_POST.glob) as rec:
         llm.logits(ids)
-    h = torch.stack([rec[f"blocks.{i}.resid_post"][0, position] for i in range(L)])  # [L, D]
+    h = torch.stack([rec[RESID_POST.at(i)][0, position] for i in range(L)])  # [L, D]
     return llm.model.unembed(h.to(llm.device)).float().softmax(-1).cpu()
 
 
@@ -192,7 +194,7 @@ def zero_heads(llm, heads: Iterable) -> Iterator[None]:
                 z[:, :, hs] = 0
                 return z
 
-            stack.enter_context(llm.model.hooks.attach(f"blocks.{layer}.attn.z", ablate))
+            stack.enter_context(llm.model.hooks.attach(ATTN_Z.at(layer), ablate))
         yield
 
 

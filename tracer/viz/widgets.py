@@ -16,11 +16,15 @@ from dataclasses import replace
 
 import ipywidgets as W
 
+from .. import sampling
+from ..knobs import DO_SAMPLE, KNOBS, REPETITION_PENALTY, SWITCH, TEMPERATURE, TOP_K, TOP_P, Knob
 from ..trace import SampleEvent
 from .plots import compare_steps, new_figure, sampling_stages, to_png
 from .tokens import quoted
 
 BRANCH_NAMES = ("A", "B")
+# The knobs greedy decoding ignores: those of the stages it skips (the warpers of sampling.CHAIN).
+GREEDY_IGNORES = tuple(k.name for k in KNOBS if k.name in sampling.STAGES and k.name not in sampling.GREEDY_STAGES)
 NO_STEP = "no token yet"  # the step label before the first step
 TEXT_LINES = 4  # lines of text on show above the panels (the rest scrolls)
 
@@ -89,6 +93,25 @@ def tokens_html(tokenizer, prompt_ids, history, new_ids, *, cls: str = "tracer-t
             f"<div style='white-space:pre-wrap'>{body}</div></div>")
 
 
+def knob_widget(knob: Knob, value) -> W.ValueWidget:
+    """The stepper's widget for one sampling knob (``tracer/knobs.py``): a toggle for the switch
+    (do_sample), a slider over the knob's declared range for a number."""
+    if knob.words:
+        return W.ToggleButtons(options=[word for word, _ in knob.words], value=knob.word(value),
+                               tooltips=[meaning for _, meaning in knob.words],
+                               description=knob.label).add_class("tracer-mode")
+    low, high, step = knob.slider
+    slider = W.IntSlider if knob.type is int else W.FloatSlider
+    return slider(value=value, min=low, max=high, step=step, description=knob.label, continuous_update=False,
+                  style={"description_width": "125px"}, layout=W.Layout(width="340px"),
+                  ).add_class("tracer-" + knob.flag.removeprefix("--"))
+
+
+def knob_value(knob: Knob, widget: W.ValueWidget):
+    """The knob's value as its widget (from :func:`knob_widget`) sets it."""
+    return widget.value == knob.word(True) if knob.words else widget.value
+
+
 def sample_events(decoder) -> dict[int, SampleEvent]:
     """step -> its ``sample`` event."""
     return {e.step: e for e in decoder.trace.events if isinstance(e, SampleEvent)}
@@ -128,33 +151,33 @@ class StepperApp:
     def __init__(self, llm, prompt, *, max_new_tokens: int = 60, do_sample: bool = True,
                  temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                  repetition_penalty: float = 1.1, seed: int = 0, top: int = 10, run_n: int = 10,
-                 chat: bool = False) -> None:
-        self.llm, self.prompt, self.max_new_tokens, self.top, self.run_n, self.chat = (
-            llm, prompt, max_new_tokens, top, run_n, chat)
+                 chat: bool = False, system: str | None = None) -> None:
+        """``prompt``, ``chat`` and ``system`` as :meth:`tracer.api.Llama.decoder` takes them (text
+        or ids; ``chat=True``: the text is the user's turn in the model's chat template, after the
+        ``system`` prompt if given); the knobs start at the values given; ``top`` tokens per panel;
+        ``run_n`` tokens per press of Run."""
+        self.llm, self.prompt, self.max_new_tokens, self.top, self.run_n = llm, prompt, max_new_tokens, top, run_n
+        self.chat, self.system = chat, system
         self.last_error: Exception | None = None
         self.branches: dict = {}
         self.branch_step: int | None = None  # where B left A
         self._busy = False
-        slider = {"continuous_update": False, "style": {"description_width": "125px"},
-                  "layout": W.Layout(width="340px")}
+        self._build_controls()
+        self._build_knobs(((DO_SAMPLE, do_sample), (TEMPERATURE, temperature), (TOP_K, top_k),
+                           (TOP_P, top_p), (REPETITION_PENALTY, repetition_penalty)), seed)
+        self._build_branching()
+        self._connect()
+        self.widget = self._layout()
+        self._knob_sync()
+        self.reset()
 
+    # --- building the widgets -----------------------------------------------------------------
+    def _build_controls(self) -> None:
+        """The buttons, the progress bar, the labels and the text and plot areas."""
         self.next_button = W.Button(description="Next token", icon="step-forward").add_class("tracer-next")
-        self.run_button = W.Button(description=f"Run {run_n}", icon="forward").add_class("tracer-run10")
+        self.run_button = W.Button(description=f"Run {self.run_n}", icon="forward").add_class("tracer-run10")
         self.reset_button = W.Button(description="Reset", icon="undo").add_class("tracer-reset")
-        self.mode = W.ToggleButtons(options=["sample", "greedy"], value="sample" if do_sample else "greedy",
-                                    description="decoding").add_class("tracer-mode")
-        self.temperature = W.FloatSlider(value=temperature, min=0.05, max=2.0, step=0.05,
-                                         description="temperature", **slider).add_class("tracer-temperature")
-        self.top_k = W.IntSlider(value=top_k, min=0, max=200, description="top-k (0 = off)",
-                                 **slider).add_class("tracer-top-k")
-        self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1.0, step=0.01, description="top-p (1 = off)",
-                                   **slider).add_class("tracer-top-p")
-        self.repetition_penalty = W.FloatSlider(value=repetition_penalty, min=1.0, max=2.0, step=0.05,
-                                                description="repetition penalty", **slider
-                                                ).add_class("tracer-repetition-penalty")
-        self.seed = W.IntText(value=seed, description="seed (restarts)", style={"description_width": "initial"},
-                              layout=W.Layout(width="180px")).add_class("tracer-seed")
-        self.progress = W.IntProgress(value=0, min=0, max=run_n, description="",
+        self.progress = W.IntProgress(value=0, min=0, max=self.run_n, description="",
                                       layout=W.Layout(width="160px", visibility="hidden"))
         self.step_label = W.Label(NO_STEP).add_class("tracer-step-count")
         self.status = W.Label("")
@@ -162,6 +185,16 @@ class StepperApp:
         self.text = W.HTML("").add_class("tracer-text")
         self.plot = W.Output().add_class("tracer-dist-plot")
 
+    def _build_knobs(self, given: tuple[tuple[Knob, object], ...], seed: int) -> None:
+        """One widget per sampling knob, in the declared order (tracer/knobs.py; tests check the
+        names), and the seed."""
+        self.knob_widgets = {k.name: knob_widget(k, value) for k, value in given}
+        self.mode, self.temperature, self.top_k, self.top_p, self.repetition_penalty = self.knob_widgets.values()
+        self.seed = W.IntText(value=seed, description="seed (restarts)", style={"description_width": "initial"},
+                              layout=W.Layout(width="180px")).add_class("tracer-seed")
+
+    def _build_branching(self) -> None:
+        """Picking another token at a step, the branch to continue, and the two branches compared."""
         wide = {"style": {"description_width": "initial"}}  # the description in full, never cut
         self.at_step = W.Dropdown(description="at", options=[], layout=W.Layout(width="250px"),
                                   **wide).add_class("tracer-at-step")
@@ -173,12 +206,17 @@ class StepperApp:
         self.compare_step = W.Dropdown(description="compare", options=[], layout=W.Layout(width="460px"),
                                        **wide).add_class("tracer-compare-step")
         self.compare_plot = W.Output().add_class("tracer-compare-plot")
+        self.compare_box = W.VBox([W.HTML("<b>Branches side by side</b>"), self.compare_text,
+                                   self.compare_step, self.compare_plot],
+                                  layout=W.Layout(display="none"))
 
+    def _connect(self) -> None:
+        """Each widget's action."""
         self.next_button.on_click(lambda _: self.next_token())
         self.run_button.on_click(lambda _: self.run())
         self.reset_button.on_click(lambda _: self.reset())
         self.branch_button.on_click(lambda _: self.branch())
-        for w in (self.mode, self.temperature, self.top_k, self.top_p, self.repetition_penalty):
+        for w in self.knob_widgets.values():
             w.observe(self._on_knob, names="value")
         self.seed.observe(lambda _: self.reset(), names="value")
         self.at_step.observe(lambda _: self._fill_candidates(), names="value")
@@ -186,6 +224,8 @@ class StepperApp:
         # While an action renders, it draws the comparison once itself (menus refilled there fire too).
         self.compare_step.observe(lambda _: None if self._busy else self._draw_compare(), names="value")
 
+    def _layout(self) -> W.VBox:
+        """The app, top to bottom: controls, errors, knobs, the text, the panels, branching."""
         legend = W.HTML("<small>Token colour: probability of the chosen token under the final "
                         "distribution, red (unlikely) to green (likely); hover for its step, id, p and "
                         "rank; underlined = chosen by you. Steps count from 0, as in the trace.</small>")
@@ -194,14 +234,9 @@ class StepperApp:
         knobs = W.HBox([W.VBox([self.temperature, self.top_k]), W.VBox([self.top_p, self.repetition_penalty]),
                         W.VBox([self.mode, self.seed])])
         branch_row = W.HBox([self.at_step, self.candidates, self.branch_button, self.active])
-        self.compare_box = W.VBox([W.HTML("<b>Branches side by side</b>"), self.compare_text,
-                                   self.compare_step, self.compare_plot],
-                                  layout=W.Layout(display="none"))
-        self.widget = W.VBox([controls, self.error, knobs, self.text, legend, self.plot,
-                              W.HTML("<b>Pick a different token and continue from there</b>"), branch_row,
-                              self.compare_box]).add_class("tracer-stepper")
-        self._knob_sync()
-        self.reset()
+        return W.VBox([controls, self.error, knobs, self.text, legend, self.plot,
+                       W.HTML("<b>Pick a different token and continue from there</b>"), branch_row,
+                       self.compare_box]).add_class("tracer-stepper")
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
@@ -217,16 +252,15 @@ class StepperApp:
         return len(self.decoder.new_ids)
 
     def knobs(self) -> dict:
-        return {"do_sample": self.mode.value == "sample", "temperature": self.temperature.value,
-                "top_k": self.top_k.value, "top_p": self.top_p.value,
-                "repetition_penalty": self.repetition_penalty.value}
+        """The sampling knobs as the widgets set them, by name."""
+        return {k.name: knob_value(k, self.knob_widgets[k.name]) for k in KNOBS}
 
     # --- actions ------------------------------------------------------------------------------
     @_guarded
     def reset(self) -> None:
         """Start again from the prompt with the current knobs and seed (drops branches)."""
-        dec = self.llm.decoder(self.prompt, max_new_tokens=self.max_new_tokens, seed=self.seed.value,
-                               top_n=max(self.top, 20), chat=self.chat, **self.knobs())
+        dec = self.llm.decoder(self.prompt, chat=self.chat, system=self.system, max_new_tokens=self.max_new_tokens,
+                               seed=self.seed.value, top_n=max(self.top, 20), **self.knobs())
         self.branches = {"A": dec}
         self.branch_step = None
         self.active.options = ["A"]
@@ -287,9 +321,9 @@ class StepperApp:
             dec.settings = replace(dec.settings, **knobs)
 
     def _knob_sync(self) -> None:
-        greedy = self.mode.value == "greedy"
-        for w in (self.temperature, self.top_k, self.top_p):
-            w.disabled = greedy  # greedy skips the warpers (argmax after the repetition penalty)
+        greedy = not knob_value(SWITCH, self.knob_widgets[SWITCH.name])
+        for name in GREEDY_IGNORES:
+            self.knob_widgets[name].disabled = greedy  # greedy: argmax after the repetition penalty
 
     def _on_active(self, change) -> None:
         if not self._busy:
@@ -348,7 +382,7 @@ class StepperApp:
         if ev is None:
             self.candidates.options = []
             return
-        final = ev.stages["final"]
+        final = ev.stages[sampling.FINAL.name]
         opts = [(f"{self._quoted(i)}  p={p:.3f}" + ("  (taken)" if i == ev.chosen_id else ""), i)
                 for i, p in zip(final["ids"][: self.top], final["probs"][: self.top], strict=True)]
         self.candidates.options = opts

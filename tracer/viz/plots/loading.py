@@ -10,13 +10,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from ...config import LlamaConfig
+from ...dtypes import BFLOAT16, FLOAT16, FLOAT32
 from ...trace import LoadShardEvent
 from .common import OTHER, labels, new_figure
 
 # Common GPU memory sizes (GB) for the "does it fit?" lines.
 GPU_SIZES_GB = {"RTX 3060 (12 GB)": 12, "T4 / RTX 4080 (16 GB)": 16, "RTX 4090 / A10 (24 GB)": 24,
                 "A100 40GB": 40, "A100 / H100 80GB": 80}
-DTYPE_COLOURS = {"float32": "#9467bd", "float16": "#2ca02c", "bfloat16": "#17becf"}
+DTYPE_COLOURS = {FLOAT32.name: "#9467bd", FLOAT16.name: "#2ca02c", BFLOAT16.name: "#17becf"}
 KV_COLOUR = "#ff7f0e"
 # Stored types in a weight file (safetensors dtypes, GGUF block formats), one colour each.
 TYPE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#7f7f7f")

@@ -19,22 +19,24 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-from ...sampling import STAGES
+from ... import knobs
+from ...sampling import GREEDY_STAGES, LOGIT_STAGES, STAGES
 from ...trace import SampleEvent
 from .common import CHOSEN, OTHER, label, new_figure
 
+# The stages by name, in the order of tracer.sampling.CHAIN (a stage set by a knob has its name).
+RAW, PENALTY, TEMPERATURE, TOP_K, TOP_P, FINAL = STAGES
 STAGE_TITLES = {
-    "raw": "raw logits",
-    "repetition_penalty": "after repetition penalty",
-    "temperature": "after temperature",
-    "top_k": "after top-k",
-    "top_p": "after top-p",
-    "final": "final (drawn from)",
+    RAW: "raw logits",
+    PENALTY: "after repetition penalty",
+    TEMPERATURE: "after temperature",
+    TOP_K: "after top-k",
+    TOP_P: "after top-p",
+    FINAL: "final (drawn from)",
 }
-# Greedy applies the processors, then takes the highest score: no warpers, no draw.
-GREEDY_STAGES = ("raw", "repetition_penalty", "final")
+# Greedy applies the processors, then takes the highest score: no warpers, no draw (GREEDY_STAGES).
 GREEDY_FINAL_TITLE = "greedy: argmax"
-LOGIT_STAGES = ("raw", "repetition_penalty")  # panels in score units; the others in probability
+# LOGIT_STAGES (before any warper): panels in score units; the others in probability.
 CUT = "#b0b0b0"  # a token a stage removed
 PENALIZED = "#ff7f0e"  # a token the repetition penalty lowered
 LEGEND = ("red: the chosen token   orange: lowered by the repetition penalty   "
@@ -64,7 +66,7 @@ def rows_of(event: SampleEvent, top: int) -> Rows:
         scores = {s: list(cols[s]["scores"]) for s in STAGES}
         probs = {s: list(cols[s]["probs"]) for s in STAGES}
     else:  # a trace recorded before the common candidates: read each stage's own top list
-        ids = list(event.stages["repetition_penalty"]["ids"])
+        ids = list(event.stages[PENALTY]["ids"])
         scores, probs = {}, {}
         for s in STAGES:
             table = event.stages[s]
@@ -77,7 +79,7 @@ def rows_of(event: SampleEvent, top: int) -> Rows:
             ids.append(event.chosen_id)
             for s in STAGES:
                 scores[s].append(math.nan)
-                probs[s].append(event.chosen_prob if s == "final" else math.nan)
+                probs[s].append(event.chosen_prob if s == FINAL else math.nan)
     keep = list(range(min(top, len(ids))))
     if event.chosen_id in ids and ids.index(event.chosen_id) >= top:
         keep.append(ids.index(event.chosen_id))
@@ -88,7 +90,7 @@ def rows_of(event: SampleEvent, top: int) -> Rows:
 
 def _greedy(event: SampleEvent) -> bool:
     """Greedy decoding skipped the warpers (a token chosen by the user included)."""
-    return not event.settings.get("do_sample", True)
+    return not event.settings.get(knobs.DO_SAMPLE.name, True)
 
 
 def _pct(x: float) -> str:
@@ -104,18 +106,18 @@ def stage_note(event: SampleEvent, stage: str, piece, *, shown_ids=None, byte_le
     """What ``stage`` did, in words and numbers (the event's recorded counts); ``shown_ids``: the
     rows on show, to say how many of them the repetition penalty hit."""
     s, kept, mass = event.settings, event.kept, event.mass_kept
-    before = STAGES[STAGES.index(stage) - 1] if stage != "raw" else None
+    before = STAGES[STAGES.index(stage) - 1] if stage != RAW else None
     tok = f"‹{label(piece(event.chosen_id), 16, byte_level=byte_level)}›"
-    if stage == "raw":
-        return f"the model's score for each of {kept['raw']:,} tokens" if kept else "the model's scores"
-    if stage == "repetition_penalty":
-        pen = s.get("repetition_penalty", 1.0)
+    if stage == RAW:
+        return f"the model's score for each of {kept[RAW]:,} tokens" if kept else "the model's scores"
+    if stage == PENALTY:
+        pen = s.get(knobs.REPETITION_PENALTY.name, 1.0)
         if pen == 1.0:
             return "penalty 1.0: off, scores unchanged"
         here = [i for i in event.penalized_ids if shown_ids is None or i in shown_ids]
         return (f"÷{pen:g} (×{pen:g} if < 0) for the {event.penalized} tokens already in the text"
                 + (f", {len(here)} of them here (orange)" if here else ""))
-    if stage == "final":
+    if stage == FINAL:
         if _greedy(event) and not event.forced:
             return f"takes the highest score: {tok} (its softmax p = {event.chosen_prob:.3f}; no draw)"
         if _greedy(event):
@@ -124,16 +126,15 @@ def stage_note(event: SampleEvent, stage: str, piece, *, shown_ids=None, byte_le
         if event.forced and event.chosen_prob == 0:
             return f"you chose {tok}, a token the filters had cut (p = 0)"
         how = "you chose" if event.forced else "drew"
-        pool = f" of {kept['final']:,} in play" if kept else ""
+        pool = f" of {kept[FINAL]:,} in play" if kept else ""
         return f"{how} {tok}: p = {event.chosen_prob:.3f}, rank #{event.chosen_rank + 1}{pool}"
-    if stage == "temperature":
-        t = s.get("temperature", 1.0)
+    if stage == TEMPERATURE:
+        t = s.get(knobs.TEMPERATURE.name, 1.0)
         if t == 1.0:
             return "T = 1: unchanged"
         p0, p1 = (event.stages[x]["probs"][0] for x in (before, stage))
         return f"T = {t:g} {'sharpens' if t < 1 else 'flattens'}: top probability {p0:.3f} → {p1:.3f}"
-    knob, off = ("top_k", 0) if stage == "top_k" else ("top_p", 1.0)
-    name = "top-k" if stage == "top_k" else "top-p"
+    knob, off, name = (knobs.TOP_K.name, 0, "top-k") if stage == TOP_K else (knobs.TOP_P.name, 1.0, "top-p")
     if s.get(knob, off) == off:
         return f"{name} = {off:g}: off, keeps all {kept[stage]:,}" if kept else f"{name} off"
     if not kept:
@@ -146,8 +147,8 @@ def _limits(rows: Rows, stages) -> tuple[tuple[float, float], tuple[float, float
     """One x range for the score panels and one for the probability panels."""
     sc = [v for s in stages if s in LOGIT_STAGES for v in rows.scores[s] if math.isfinite(v)]
     pr = [v for s in stages if s not in LOGIT_STAGES for v in rows.probs[s] if math.isfinite(v)]
-    if "temperature" in stages:  # the outline of the temperature panel: the probabilities before it
-        pr += [v for v in rows.probs["repetition_penalty"] if math.isfinite(v)]
+    if TEMPERATURE in stages:  # the outline of the temperature panel: the probabilities before it
+        pr += [v for v in rows.probs[PENALTY] if math.isfinite(v)]
     lo, hi = min(sc + [0.0]), max(sc + [0.0])
     span = max(hi - lo, 1e-3)
     return (lo - 0.02 * span, hi + 0.3 * span), (0.0, max(pr + [1e-3]) * 1.3)
@@ -201,8 +202,8 @@ def _panel(ax, event: SampleEvent, rows: Rows, stage: str, *, title: str, note: 
     logit = stage in LOGIT_STAGES
     values = (rows.scores if logit else rows.probs)[stage]
     before = (rows.scores if logit else rows.probs)[previous] if previous else [math.nan] * len(values)
-    scores = rows.scores[STAGES[-2] if stage == "final" else stage]  # final draws from what top-p kept
-    hit = set(event.penalized_ids) if stage == "repetition_penalty" else set()
+    scores = rows.scores[STAGES[-2] if stage == FINAL else stage]  # final draws from what top-p kept
+    hit = set(event.penalized_ids) if stage == PENALTY else set()
     cut = [sc == -math.inf for sc in scores]
     _bars(ax, event, rows, values, before, cut, hit)
     # Cut tokens: a grey cross at 0 (one marker collection). Numbers right of the bars for the
@@ -216,7 +217,7 @@ def _panel(ax, event: SampleEvent, rows: Rows, stage: str, *, title: str, note: 
                    transform=at, gid=CUT_MARKS)
         ax.text(0.045, crosses[0], "cut", transform=at, va="center", fontsize=7, color="#666")
     for yy, (i, v, b, c) in enumerate(zip(rows.ids, values, before, cut, strict=True)):
-        if c or not (stage == "final" or i == event.chosen_id or i in hit) or (not logit and v < 0.0005):
+        if c or not (stage == FINAL or i == event.chosen_id or i in hit) or (not logit and v < 0.0005):
             continue
         end = max(x for x in (v, b, 0.0) if math.isfinite(x))
         ax.text(end, yy, " ?" if math.isnan(v) else f" {v:.2f}" if logit else f" {v:.3f}", va="center",
@@ -241,11 +242,15 @@ def _wrap(note: str) -> str:
 
 
 def _knobs(event: SampleEvent) -> str:
-    s = event.settings
-    if not s.get("do_sample"):
-        return f"greedy, repetition penalty {s.get('repetition_penalty')}"
-    return (f"T {s.get('temperature')}, top-k {s.get('top_k')}, top-p {s.get('top_p')}, "
-            f"repetition penalty {s.get('repetition_penalty')}")
+    """The settings in the title: the knobs this step ran with (the penalty alone when greedy)."""
+    def shown(knob: knobs.Knob):
+        return event.settings.get(knob.name)
+
+    penalty = f"repetition penalty {shown(knobs.REPETITION_PENALTY)}"
+    if not shown(knobs.DO_SAMPLE):
+        return f"greedy, {penalty}"
+    return (f"T {shown(knobs.TEMPERATURE)}, top-k {shown(knobs.TOP_K)}, top-p {shown(knobs.TOP_P)}, "
+            f"{penalty}")
 
 
 def _grid(fig: Figure, n_rows: int, n_cols: int, top_in: float, row_in: float) -> list:
@@ -282,9 +287,9 @@ def sampling_stages(event: SampleEvent, piece, *, top: int = 10, byte_level: boo
     axes = _grid(fig, n_rows, 3, top_in, row_in)
     xlims = _limits(rows, stages)
     for i, (ax, stage) in enumerate(zip(axes, stages, strict=True)):
-        title = GREEDY_FINAL_TITLE if greedy and stage == "final" else STAGE_TITLES[stage]
+        title = GREEDY_FINAL_TITLE if greedy and stage == FINAL else STAGE_TITLES[stage]
         note = _wrap(stage_note(event, stage, piece, shown_ids=rows.ids, byte_level=byte_level))
-        previous = None if i == 0 or stage == "final" else stages[i - 1]
+        previous = None if i == 0 or stage == FINAL else stages[i - 1]
         _panel(ax, event, rows, stage, title=title, note=note, xlim=xlims[stage not in LOGIT_STAGES],
                previous=previous)
         if i % 3 == 0:
@@ -303,10 +308,10 @@ def compare_steps(a: SampleEvent, b: SampleEvent, piece, *, names=("A", "B"), to
     n = max(len(r.ids) for r in rows)
     fig = new_figure(10, 1.3 + 0.2 * n)
     axes = fig.subplots(1, 2)
-    hi = max([v for r in rows for v in r.probs["final"] if math.isfinite(v)] + [1e-3]) * 1.3
+    hi = max([v for r in rows for v in r.probs[FINAL] if math.isfinite(v)] + [1e-3]) * 1.3
     for ax, ev, r, name in zip(axes, (a, b), rows, names, strict=True):
-        note = _wrap(stage_note(ev, "final", piece, byte_level=byte_level))
-        _panel(ax, ev, r, "final", title=f"branch {name}", note=note, xlim=(0.0, hi))
+        note = _wrap(stage_note(ev, FINAL, piece, byte_level=byte_level))
+        _panel(ax, ev, r, FINAL, title=f"branch {name}", note=note, xlim=(0.0, hi))
         _row_labels(ax, ev, r, piece, byte_level, penalized=False)
     fig.suptitle(f"step {a.step}: final distributions", fontsize=10)
     return fig

@@ -3,43 +3,30 @@ vector (1-D, or 1 x N) as a line or bar plot, a matrix as a heatmap, axes named 
 
 from __future__ import annotations
 
-import re
-from types import SimpleNamespace
-
 import torch
 from matplotlib.figure import Figure
 
-from ...hooks import point_shapes
+from ...dtypes import name_of
+from ...hooks import DIMS, declared
 from .common import CHOSEN, OTHER, new_figure
 from .forward import token_labels
 
 BARS_UP_TO = 64  # a vector this short is drawn as bars (one labelled tick each); longer, as a line
 
-# Each dimension of a hook point, by the letter tracer.hooks uses for it.
-_DIM_WORDS = {"B": "batch", "T": "position", "S": "key position", "D": "hidden", "H": "head",
-              "Hkv": "KV head", "hd": "head dim", "F": "MLP hidden", "V": "vocab"}
-# point_shapes() is the one declaration of every point's shape; called with a distinct size per
-# letter, each size in its answer names its dimension.
-_PROBE = {"B": 2, "T": 3, "S": 5, "D": 7, "H": 11, "Hkv": 13, "hd": 17, "F": 19, "V": 23}
-
 
 def dim_names(point: str) -> tuple[str, ...] | None:
     """The names of a hook point's dimensions, e.g. ``blocks.0.attn.pattern`` -> (batch, head,
-    position, key position); None for a name that is not a hook point."""
-    p = _PROBE
-    cfg = SimpleNamespace(hidden_size=p["D"], num_attention_heads=p["H"], num_key_value_heads=p["Hkv"],
-                          head_dim=p["hd"], intermediate_size=p["F"], vocab_size=p["V"], num_hidden_layers=1)
-    shapes = point_shapes(cfg, T=p["T"], S=p["S"], B=p["B"])
-    shape = shapes.get(re.sub(r"^blocks\.\d+\.", "blocks.0.", point))
-    by_size = {v: _DIM_WORDS[k] for k, v in p.items()}
-    return None if shape is None else tuple(by_size[n] for n in shape)
+    position, key position): its declared shape's letters, in words (tracer.hooks.DIMS); None for a
+    name that is not a hook point."""
+    declared_point = declared(point)
+    return None if declared_point is None else tuple(DIMS[letter] for letter in declared_point.shape)
 
 
 def tensor_stats(t: torch.Tensor) -> dict:
     """Shape, dtype and summary numbers of a tensor (non-finite values counted, not averaged)."""
     x = t.detach().float().cpu().flatten()
     finite = x[torch.isfinite(x)]
-    stats = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "numel": t.numel(),
+    stats = {"shape": list(t.shape), "dtype": name_of(t.dtype), "numel": t.numel(),
              "non_finite": int(x.numel() - finite.numel())}
     if finite.numel():
         stats.update(min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()),
