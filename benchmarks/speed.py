@@ -15,6 +15,7 @@ package ships, written once as a hub-layout folder into ``$TMPDIR/llama-tracer-b
 What is measured (see benchmarks/README.md for the table of a run):
   load     seconds to a ready model and peak host RSS above the post-import baseline, each loader
            in a fresh subprocess (kernel high-water mark VmHWM, reset after imports), hot page cache;
+           four loads each on the CPU, one each on a GPU (LOAD_RUNS, LOAD_RUNS_CUDA);
   prefill  one forward over a 512-token prompt into a fresh cache, logits of the last position only
            (what generate does; transformers: ``logits_to_keep=1``), alternating which runs first;
   decode   batch-1 greedy generation of N new tokens from a 16-token prompt, wall time of the whole
@@ -26,7 +27,8 @@ What is measured (see benchmarks/README.md for the table of a run):
            first compiled step's compile seconds as the trace meta reports them, each in a fresh
            subprocess: cold (an empty inductor cache), cold with a new TMPDIR too, and warm;
   bandwidth the memory-read ceiling measured in the same run (``x.sum()`` over a large float32
-           tensor, and a copy), and our decode's weight bytes per token x tokens/s against it.
+           tensor, and a copy; on a GPU 1-4 GiB timed with CUDA events, PROBE_BYTES), and our
+           decode's weight bytes per token x tokens/s against it.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from tracer.model import LlamaModel, init_weights
 from . import llamacpp
 from .machine import cpu_model
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = tracer.api.DTYPES  # runtime dtype name -> torch dtype (declared in tracer/dtypes.py)
 
 # Real shapes, random weights. "embedded" is the shipped model when it exists (see model_folder).
 SHAPES = {
@@ -85,6 +87,13 @@ FULL_POINTS = ("blocks.0.attn.pattern", "blocks.{last}.resid_post", "logits")
 # Loads per loader, alternating. Two loads of each differed by up to a third on this VM, more than the
 # gap being judged; four give a median that holds from run to run.
 LOAD_RUNS = 4
+# On a GPU one each: a fresh process for a 7B load costs its imports and CUDA's start besides the
+# load itself (eight of them took about ten minutes), and a dedicated GPU machine is not the shared
+# VM whose swings the four CPU runs are for.
+LOAD_RUNS_CUDA = 1
+# Bytes of the bandwidth probe's tensor: (quick, full) on the CPU, and on a GPU, where a copy must
+# run far longer than its launch (a 1 GiB copy takes about half a millisecond at 4.8 TB/s).
+PROBE_BYTES = {"cpu": (128 << 20, 2 << 30), "cuda": (1 << 30, 4 << 30)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +107,9 @@ def standin_config() -> LlamaConfig:
     return TrainSettings().model_config()
 
 
-def model_folder(name: str, log) -> tuple[Path, str]:
-    """(checkpoint folder, note) for ``name``; writes a random-weight checkpoint if needed."""
+def model_folder(name: str, log, device: str = "cpu") -> tuple[Path, str]:
+    """(checkpoint folder, note) for ``name``; writes a random-weight checkpoint if needed, its
+    numbers drawn on ``device`` (:func:`random_weights`)."""
     if name == "smollm2":
         return smollm2_folder(log), f"the real {SMOLLM2_NAME} (its GGUF's weights, dequantized to float32)"
     if name == "embedded":
@@ -116,15 +126,29 @@ def model_folder(name: str, log) -> tuple[Path, str]:
     folder = Path(tempfile.gettempdir()) / "llama-tracer-bench" / f"{name}-float16"
     if not (folder / ".complete").is_file():
         log(f"writing a random-weight {name} checkpoint to {folder} (once) ...")
-        model = LlamaModel(cfg, dtype=torch.float16)
-        init_weights(model, torch.Generator().manual_seed(0))
+        model = random_weights(cfg, device)
         # ~2 shards for llama-1b (2.5 GB), like the hub's sharded checkpoints.
         size = sum(p.numel() * 2 for p in model.parameters())
         save_pretrained(model, folder, dtype=torch.float16, max_shard_bytes=max(size // 2 + 1, 1 << 20))
         del model
         write_standin_tokenizer(folder, cfg)
         (folder / ".complete").write_text("ok\n")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the loads that follow measure their own memory
     return folder, note
+
+
+def random_weights(cfg: LlamaConfig, device: str = "cpu") -> LlamaModel:
+    """A float16 model of ``cfg``'s shapes with seeded random weights (``init_weights``), made on
+    the meta device and allocated on ``device`` (no throwaway default init). On a GPU the numbers
+    are drawn there by a seeded CUDA generator: a fraction of a second for 7B, where the CPU's
+    serial generator takes about a minute and a half. The CPU's numbers are what they always were."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        dev = torch.device("cpu")
+    model = LlamaModel(cfg, device="meta", dtype=torch.float16).allocate(dev)
+    init_weights(model, torch.Generator(dev).manual_seed(0))
+    return model
 
 
 def smollm2_folder(log) -> Path:
@@ -234,6 +258,12 @@ def load_once(which: str, folder, device: str, dtype: str) -> dict:
     writing 5 to /proc/self/clear_refs; where that is refused, a thread samples VmRSS every 2 ms.
     """
     dev = torch.device(device)
+    if dev.type == "cuda":  # --quick loads twice in one process: each load's own peak
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
     reset = True
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
@@ -394,7 +424,10 @@ def measure_compile(folder: Path, device: str, dtype: str, prompt: list[int]) ->
 
 
 def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> dict:
-    """GB/s of reading a float32 tensor (``x.sum()``) and of copying it (read + write)."""
+    """GB/s of reading a float32 tensor (``x.sum()``) and of copying it (read + write); on a GPU,
+    :func:`measure_gpu_bandwidth`."""
+    if device.type == "cuda":
+        return measure_gpu_bandwidth(device, nbytes)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     sums, copies = [], []
@@ -403,6 +436,39 @@ def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> di
         copies.append(timed(lambda: y.copy_(x), device)[0])
     out = {
         "tensor_bytes": nbytes,
+        "sum_GBps_all": [nbytes / t / 1e9 for t in sums],
+        "copy_GBps_all": [2 * nbytes / t / 1e9 for t in copies],  # bytes read + bytes written
+    }
+    out["sum_GBps"] = max(out["sum_GBps_all"])
+    out["copy_GBps"] = max(out["copy_GBps_all"])
+    out["ceiling_GBps"] = max(out["sum_GBps"], out["copy_GBps"])
+    return out
+
+
+def measure_gpu_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict:
+    """:func:`measure_bandwidth` on a GPU: each operation once to warm up, then ``repeats`` times,
+    each timed alone with CUDA events (the GPU's own clock, no host wait in the figure); the best
+    of them. ``nbytes`` of 1 GiB or more keeps the launch's microseconds out of the figure."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+
+    def seconds(fn) -> list[float]:
+        fn()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        out = []
+        for _ in range(repeats):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        return out
+
+    sums, copies = seconds(lambda: x.sum()), seconds(lambda: y.copy_(x))
+    out = {
+        "tensor_bytes": nbytes,
+        "method": f"CUDA events around each of {repeats} runs after a warm-up; best run",
         "sum_GBps_all": [nbytes / t / 1e9 for t in sums],
         "copy_GBps_all": [2 * nbytes / t / 1e9 for t in copies],  # bytes read + bytes written
     }
@@ -524,14 +590,14 @@ def run(args) -> dict:
     quick = args.quick
     repeats = args.repeats or (1 if quick else 3 if args.model == "embedded" else 2)
     new_tokens = args.new_tokens or (8 if quick else 128)
-    prefill_len = 32 if quick else 512
+    prefill_len = args.prefill_tokens or (32 if quick else 512)
     prompt_len = 16
 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
 
-    folder, note = model_folder(args.model, log)
+    folder, note = model_folder(args.model, log, args.device)
     shard_files = sorted(p.name for p in folder.glob("*.safetensors"))
     result: dict = {
         "benchmark": "llama-tracer speed (benchmarks/speed.py)",
@@ -570,7 +636,7 @@ def run(args) -> dict:
     )}
     for which in ("ours", "transformers"):
         load[which] = {"runs": []}
-    for _ in range(1 if quick else LOAD_RUNS):
+    for _ in range(1 if quick else LOAD_RUNS_CUDA if device.type == "cuda" else LOAD_RUNS):
         for which in ("ours", "transformers"):
             log(f"load {which} ...")
             measure = load_once if quick else measure_load
@@ -668,7 +734,8 @@ def run(args) -> dict:
         ours_generate(fast, prompt, 4, "off")
         result["compile_seconds"] = time.perf_counter() - t0
         result["compiled_step"] = {"kind": fast.fast_step.kind, "blocks_per_graph": fast.fast_step.blocks_per_graph,
-                                   "graph_calls_per_token": len(model.blocks) // fast.fast_step.blocks_per_graph}
+                                   "graph_calls_per_token": len(model.blocks) // fast.fast_step.blocks_per_graph,
+                                   "cuda_graphs": fast.fast_step.cuda_graphs}
         variants["ours_compiled"] = lambda: ours_generate(fast, prompt, new_tokens, "off")
         if not quick:
             # The first compile as a learner meets it: a fresh process, nothing compiled before.
@@ -699,6 +766,8 @@ def run(args) -> dict:
     decode["what"] = (f"wall time of generating {new_tokens} tokens greedily from a {prompt_len}-token "
                       "prompt (includes that prefill); tokens/s = new tokens / median seconds")
     decode["full_points"] = list(points)
+    if device.type == "cuda":
+        decode["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)  # both models, all variants
     decode["greedy_tokens_agree_with_transformers"] = {
         "leading_equal": leading_agreement(tokens["ours_off"], tokens["transformers"]),
         "of": new_tokens,
@@ -711,7 +780,7 @@ def run(args) -> dict:
 
     # Bandwidth ceiling, measured after the timings (the models stay loaded; same memory system).
     log("bandwidth ...")
-    bw = measure_bandwidth(device, (128 << 20) if quick else (2 << 30))
+    bw = measure_bandwidth(device, PROBE_BYTES[device.type][0 if quick else 1])
     wbytes = result["model"]["weight_bytes_per_token"]
     bw["ours_off_weight_GBps"] = wbytes * decode["ours_off"]["tokens_per_s"] / 1e9
     bw["transformers_weight_GBps"] = wbytes * decode["transformers"]["tokens_per_s"] / 1e9
@@ -866,6 +935,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="a few seconds: few tokens, one repeat (CI)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--prefill-tokens", type=int, default=None, help="prompt length of the prefill timing "
+                    "(default: 512, 32 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--compile", action="store_true",

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cuda import cpu_tests  # noqa: F401  (the fixture)
 from test_model import small_model
 
 import tracer
@@ -19,6 +20,8 @@ needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here:
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # One rounding of the float32 result to the storage type, plus float32 summation differences.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# CPU tests: tracer.load without device= fails here (on a GPU host "auto" would be CUDA).
+pytestmark = pytest.mark.usefixtures("cpu_tests")
 
 
 def _inputs(Hkv, n_rep, hd, S, dtype, seed):
@@ -93,7 +96,7 @@ def test_fits_only_what_the_kernel_can_do():
 
 
 def test_use_kernels_torch_turns_the_attention_kernel_off():
-    llm = tracer.load(None, dtype="float32", progress=False)
+    llm = tracer.load(None, device="cpu", dtype="float32", progress=False)
     assert fast.use_kernels(llm.model, "torch") == "torch"
     assert StaticStep(llm.model).attention is attend.masked
     fast.use_kernels(llm.model, "auto")

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_cuda import cpu_tests  # noqa: F401  (the fixture)
 
 import tracer
 from tools.train_tiny import __main__ as cli
@@ -28,6 +29,8 @@ from tools.train_tiny.train import TrainSettings, train
 
 EMBEDDED = tracer.embedded_path()
 MAX_SHIPPED_BYTES = 25 * 1024 * 1024
+# CPU tests: tracer.load without device= fails here (on a GPU host "auto" would be CUDA).
+pytestmark = pytest.mark.usefixtures("cpu_tests")
 
 # Pride and Prejudice, chapter 1 (public domain): enough text to train a tokenizer and a
 # two-layer model for a few steps.
@@ -94,7 +97,7 @@ This was invitation enough.
 
 @pytest.fixture(scope="module")
 def llm():
-    return tracer.load(progress=False)
+    return tracer.load(device="cpu", progress=False)  # the reference: float32 on the CPU
 
 
 def _next_token(llm, prompt: str, continuation: str) -> tuple[list[int], int]:
@@ -253,7 +256,7 @@ def test_cli_writes_a_folder_the_runtime_loads(tmp_path):
                  "tokenizer.model", "MODEL_CARD.md", "training_loss.png"):
         assert (out / name).is_file(), name
     assert len(read_log_csv(out / "training_log.csv")) == 1
-    small = tracer.load(out, progress=False)
+    small = tracer.load(out, device="cpu", progress=False)
     assert small.config.num_key_value_heads == cli.TINY_OVERRIDES["num_key_value_heads"]
     # The exported fp16 weights are the trained ones: same logits as the fp32 model up to rounding.
     state = torch.load(tmp_path / "work" / "model_fp32.pt")
@@ -263,7 +266,7 @@ def test_cli_writes_a_folder_the_runtime_loads(tmp_path):
     ref = LlamaModel(small.config, dtype=torch.float32)
     ref.load_state_dict(state)
     expected = ref(torch.tensor([ids]))[0]
-    assert torch.allclose(small.logits(ids), expected, atol=2e-2)
+    assert torch.allclose(small.logits(ids).cpu(), expected, atol=2e-2)
 
 
 def test_heldout_split_and_unigram_baseline():

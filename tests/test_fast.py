@@ -7,17 +7,21 @@ import dataclasses
 
 import pytest
 import torch
+from test_cuda import cpu_tests  # noqa: F401  (the fixture)
 from test_model import small_model
 from torch._dynamo.utils import counters
 
 import tracer
 from tracer import attend, fast, kernels
+from tracer.errors import DeviceError
 from tracer.fast import CompiledStep, StaticStep
 from tracer.matvec import KernelLinear, KernelStacked
 from tracer.model import LlamaModel, Stacked, init_weights
 
 KERNEL = kernels.library()
 needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here: {KERNEL.reason}")
+# CPU tests: tracer.load without device= fails here (on a GPU host "auto" would be CUDA).
+pytestmark = pytest.mark.usefixtures("cpu_tests")
 
 
 def _graphs() -> int:
@@ -139,6 +143,115 @@ def test_generation_meta_says_which_step_ran_and_what_compiling_cost(tiny_checkp
     assert again.trace.meta["step"] == "compiled-block" and "compile_seconds" not in again.trace.meta
     traced = fast.generate("The people", max_new_tokens=2, do_sample=False)  # light: the eager model
     assert traced.trace.meta["step"] == "eager" and "compile_seconds" not in traced.trace.meta
+
+
+# --- The compiled step on CUDA, and what it checks before each step ---------------------------
+
+
+def test_the_compile_options_keep_guards_and_take_cuda_graphs_on_cuda():
+    """CUDA: CUDA graphs, every guard kept (the weights' device and dtype among them). CPU: no
+    graphs, guards on the modules skipped (the step checks placement itself)."""
+    cuda, cpu = fast.compile_options(torch.device("cuda")), fast.compile_options(torch.device("cpu"))
+    assert cuda.get("triton.cudagraphs") is True and "guard_filter_fn" not in cuda
+    assert not cpu.get("triton.cudagraphs") and cpu["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    assert fast.compile_options(torch.device("cpu")) is not cpu  # a new dict: torch.compile pops from it
+
+
+def test_the_cuda_compile_path_runs_here_with_static_inputs_and_one_graph_for_every_layer(tiny_llm, monkeypatch):
+    """CUDA's options on a CPU model (inductor skips the graphs off the GPU, the rest is the same):
+    guards kept, one graph still serves every run of blocks; the cache's tensors and the step's
+    buffers are marked static (where a CUDA graph reads and writes them), and each step begins a
+    new replay."""
+    from torch._dynamo.utils import get_static_address_type
+
+    begun = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: begun.append(1))
+    model = _model(tiny_llm.config, num_hidden_layers=6)
+    compiled = CompiledStep(model, blocks_per_graph=2, options=fast.compile_options(torch.device("cuda")))
+    assert compiled.cuda_graphs
+    before = _graphs()
+    _compare(model, compiled, steps=3, size=32)
+    assert _graphs() - before == 1  # 3 runs of 2 blocks, one graph: no per-layer guard failed
+    assert len(begun) == 3
+    cache, steps = _prefilled(model, [1, 5, 9, 3], 32), len(begun)
+    with torch.inference_mode():
+        compiled.at(7, 4, cache)
+    assert len(begun) == steps + 1
+    tokens, position = compiled._inputs(cache)
+    for t in (*cache.keys, *cache.values, tokens, position):
+        assert get_static_address_type(t) == "unguarded"
+    plain = CompiledStep(model)  # the CPU's options: nothing is marked
+    assert not plain.cuda_graphs
+    other = _prefilled(model, [1, 5, 9, 3], 32)
+    with torch.inference_mode():
+        plain.at(7, 4, other)
+    assert get_static_address_type(other.keys[0]) is None
+
+
+@torch.inference_mode()
+def test_at_writes_ints_into_the_steps_own_buffers_and_makes_no_tensor_from_host_data(tiny_llm):
+    """step.at(token, position, cache) with Python ints (or the token as a device tensor) equals
+    step(token tensor, position tensor, cache); the buffers are made once, and a step builds no
+    tensor from host data (torch.tensor(...) per step would be a host-to-device copy on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_llm.model
+    step = StaticStep(model)
+    a, b = _prefilled(model, [1, 5, 9, 3], 16), _prefilled(model, [1, 5, 9, 3], 16)
+    token = 7
+    for p in range(4, 9):
+        want = step(torch.tensor([[token]]), torch.tensor([p]), a)
+        with Ops() as ops:
+            got = step.at(token if p % 2 else torch.tensor([[token]]), p, b)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        if p % 2:  # an int token: nothing of the step comes from host data
+            assert not [n for n in ops.names if "lift_fresh" in n or "_to_copy" in n], ops.names
+        token = int(want.argmax())
+    assert len(step._buffers) == 1
+    tokens, position = step._inputs(b)
+    assert int(position) == 8 and tokens.shape == (1, 1)
+
+
+def test_a_moved_or_cast_model_compiles_again_and_an_old_cache_is_refused(tiny_llm):
+    """The compiled step checks what it was compiled for before each step: a cast model compiles
+    again (and computes in the new dtype, equal to the eager step), a cache left in the old dtype
+    is refused with a one-line DeviceError rather than fed to the wrong graph."""
+    model = _model(tiny_llm.config)
+    compiled = CompiledStep(model)
+    _compare(model, compiled, steps=2, size=32)
+    old = _prefilled(model, [1, 5, 9, 3], 32)
+    model.to(torch.bfloat16)
+    assert compiled.placement[1] == torch.float32
+    _compare(model, compiled, steps=2, size=32, atol=2e-2)
+    assert compiled.placement == (torch.device("cpu"), torch.bfloat16, "torch") and len(compiled.compile_seconds) == 2
+    with pytest.raises(DeviceError, match="the KV cache is float32 on cpu but the model is now bfloat16"):
+        with torch.inference_mode():
+            compiled.at(7, 4, old)
+
+
+def test_past_the_recompile_limit_the_step_says_so_and_compiles_afresh(tiny_llm):
+    """torch runs a function uncompiled once it holds recompile_limit variants (a generation whose
+    cache reaches a new size would then run the slow masked loops without a word): the step warns
+    and starts a fresh compile cache. Each step has its own count: a second step on the same model
+    compiles its first shape whatever the first one holds."""
+    model = tiny_llm.model
+    with torch._dynamo.config.patch(recompile_limit=1):
+        first, second = CompiledStep(model), CompiledStep(model)
+        _compare(model, first, steps=2, size=32)
+        _compare(model, second, steps=2, size=32)
+        assert len(second.compile_seconds) == 1  # not counted against the first one's limit
+        with pytest.warns(RuntimeWarning, match="recompile limit"):
+            _compare(model, first, steps=2, size=48)
+    assert first.fresh_starts == 1 and len(first.compile_seconds) == 2  # compiled, not run uncompiled
 
 
 # --- The static step against the model -------------------------------------------------------

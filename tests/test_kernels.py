@@ -13,11 +13,14 @@ from unittest import mock
 
 import pytest
 import torch
+from test_cuda import cpu_tests  # noqa: F401  (the fixture)
 from test_model import small_model
 
 import tracer
 from tracer import attend, fast, kernels
+from tracer.errors import DeviceError
 from tracer.kernels import build
+from tracer.matvec import KernelLinear, KernelStacked
 from tracer.model import LlamaModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +29,8 @@ needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"no kernel here:
 needs_machine = pytest.mark.skipif(
     KERNEL.reason.startswith(("the kernel is x86-64 only", "the kernel needs AVX2")), reason=KERNEL.reason
 )
+# CPU tests: tracer.load without device= fails here (on a GPU host "auto" would be CUDA).
+pytestmark = pytest.mark.usefixtures("cpu_tests")
 
 
 def _script(path: Path, body: str) -> str:
@@ -159,15 +164,25 @@ def test_the_torch_products_build_nothing(fresh_build, tiny_checkpoint):
 
 
 @needs_machine
-def test_a_model_off_the_cpu_builds_nothing(fresh_build):
-    """A CUDA model keeps torch's products, whatever matvec says, without compiling anything."""
+def test_a_model_off_the_cpu_builds_nothing_and_refuses_the_kernel(fresh_build):
+    """Device: a CUDA model (its device property says so) and a real model off the CPU (meta).
+    "auto" keeps torch's products and "kernel" is a one-line DeviceError rather than silently
+    torch's, both decided before anything is built: no compiler call, not even ``cc --version``,
+    and no library loaded. The same model on the CPU builds (the control)."""
     model = small_model()
     with mock.patch.object(LlamaModel, "device", new_callable=mock.PropertyMock, return_value=torch.device("cuda")):
         assert fast.use_kernels(model, "auto") == "torch"
-        assert fast.use_kernels(model, "kernel") == "torch"
+        with pytest.raises(DeviceError, match=r"matvec='kernel' runs on the CPU only, but the model is on cuda") as e:
+            fast.use_kernels(model, "kernel")
+        assert "\n" not in str(e.value)
+        assert not any(isinstance(m, (KernelLinear, KernelStacked)) for m in model.modules())
+    meta = LlamaModel(small_model().config, device="meta")
+    assert fast.use_kernels(meta, "auto") == "torch"
+    with pytest.raises(DeviceError, match="the model is on meta"):
+        fast.use_kernels(meta, "kernel")
     assert fresh_build == [] and build.library.cache_info().currsize == 0
     fast.use_kernels(model, "auto")  # the same model on the CPU: the control
-    assert fresh_build
+    assert fresh_build and fresh_build[0][1] == "--version"
 
 
 def test_importing_registers_no_operator_and_taking_the_kernels_on_does():

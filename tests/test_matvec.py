@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cuda import cpu_tests  # noqa: F401  (the fixture)
 
 import tracer
 from tracer import fast, kernels, matvec
@@ -20,6 +21,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Worst elementwise difference from a float64 product, in units of the output's spacing (eps *
 # |y| + eps * sum|w x|): one rounding of the result plus float32 summation error.
 ULP = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+# CPU tests: tracer.load without device= fails here (on a GPU host "auto" would be CUDA).
+pytestmark = pytest.mark.usefixtures("cpu_tests")
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -195,10 +198,10 @@ def _forced_decode_logits(model, prompt: list[int], forced: list[int]) -> torch.
     """float32 logits [len(forced), V] of the decode steps that read ``forced`` after ``prompt``:
     one prefill, then one token at a time through the cache (the one-row products)."""
     cache = model.new_cache(len(prompt) + len(forced))
-    rows = [model(torch.tensor([prompt]), cache, last_only=True)[0, -1]]
+    rows = [model(torch.tensor([prompt], device=model.device), cache, last_only=True)[0, -1]]
     for t in forced[:-1]:
-        rows.append(model(torch.tensor([[t]]), cache, last_only=True)[0, -1])
-    return torch.stack(rows).float()
+        rows.append(model(torch.tensor([[t]], device=model.device), cache, last_only=True)[0, -1])
+    return torch.stack(rows).float().cpu()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -211,7 +214,7 @@ def test_embedded_model_decodes_the_same_with_the_kernel_and_with_torch(dtype):
     such a step, judged on float32 logits of the same prefix; and fed the same tokens, the two
     paths' logits must agree at every step, their argmax too wherever float32 sees no tie.
     """
-    llm = tracer.load(None, dtype=dtype, progress=False)
+    llm = tracer.load(None, device="cpu", dtype=dtype, progress=False)
     expected = "kernel" if KERNEL.available else "torch"
     assert llm.load_trace.meta["matvec"] == expected
     prompt = llm.tokenizer.encode("Once upon a time")
@@ -225,7 +228,7 @@ def test_embedded_model_decodes_the_same_with_the_kernel_and_with_torch(dtype):
     assert (with_kernel.trace.meta["matvec"], with_torch.trace.meta["matvec"]) == (expected, "torch")
     assert len(forced) == len(with_torch.new_ids) == 40
 
-    reference = _forced_decode_logits(tracer.load(None, dtype="float32", progress=False).model, prompt, forced)
+    reference = _forced_decode_logits(tracer.load(None, device="cpu", dtype="float32", progress=False).model, prompt, forced)
     top2 = reference.topk(2, dim=-1).values
     spacing = ULP[getattr(torch, dtype)] * top2[:, 0].abs().clamp(min=1)  # one step of the dtype there
     tie = (top2[:, 0] - top2[:, 1]) <= 2 * spacing  # [40]: steps that the dtype cannot decide
@@ -253,7 +256,7 @@ def test_embedded_model_decodes_the_same_with_the_kernel_and_with_torch(dtype):
 
 @needs_kernel
 def test_every_decode_product_of_the_embedded_model_runs_on_the_kernel():
-    llm = tracer.load(None, dtype="float16", progress=False)
+    llm = tracer.load(None, device="cpu", dtype="float16", progress=False)
     model = llm.model
     x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16)
     with torch.inference_mode():
@@ -265,7 +268,7 @@ def test_every_decode_product_of_the_embedded_model_runs_on_the_kernel():
 
 
 def test_use_kernels_validates_its_argument(monkeypatch):
-    llm = tracer.load(None, dtype="float32", progress=False)
+    llm = tracer.load(None, device="cpu", dtype="float32", progress=False)
     with pytest.raises(ValueError, match="'auto', 'kernel' or 'torch'"):
         fast.use_kernels(llm.model, "fast")
     monkeypatch.setattr("tracer.kernels.library", lambda: kernels.Library(None, "no kernel in this test"))
