@@ -2,6 +2,8 @@
 
 - ``matvec.c``: one-row matrix products (batch-1 decode) and a few rows at once (16-bit prompts)
 - ``attend.c``: one decode token's attention over the KV cache's written slots
+- ``quant.c``: one-row products straight from GGUF's quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K,
+  Q6_K), and those blocks dequantized a range of rows at a time
 - ``widen.h``: what both need (16-bit floats widened to float32, rounded back as torch rounds)
 
 - :mod:`.build`: the compiler, the cache folder, a lock so that concurrent processes build once,

@@ -1,6 +1,6 @@
 """Building the kernels: one shared library from ``kernels/*.c``, compiled once per source and compiler.
 
-The system C compiler (``$CC``, else ``cc``) builds ``matvec.c`` and ``attend.c`` into
+The system C compiler (``$CC``, else ``cc``) builds ``matvec.c``, ``attend.c`` and ``quant.c`` into
 ``$XDG_CACHE_HOME/llama-tracer/kernels-<key>.so``, the key a hash of the sources, the flags and the
 compiler's ``--version``; no torch headers are needed. Three things make that safe to run from
 anywhere, any number of times:
@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "matvec.c", _HERE / "attend.c")
+SOURCES = (_HERE / "matvec.c", _HERE / "attend.c", _HERE / "quant.c")
 HEADERS = (_HERE / "widen.h",)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 # Seconds a compiler may take to say its version, and to build the library (about a second here).

@@ -3,7 +3,9 @@
 Every function takes raw pointers to contiguous row-major data and the thread count (torch's, so
 that the kernels' OpenMP team is as large as torch's own). The limits (how many matrices one
 product call takes, which head sizes and how many query heads per KV head the attention takes) are
-read from the library's own ``*_limits`` exports, so that no number is repeated here.
+read from the library's own ``*_limits`` exports, so that no number is repeated here. Likewise the
+GGUF block formats ``quant.c`` decodes and the paths it can take (``quant_format``, ``quant_path``):
+its functions take the format's ggml type id and the path's number as arguments.
 """
 
 from __future__ import annotations
@@ -38,6 +40,36 @@ class Limits:
         return cls(lib.matvec_max_parts(), hd.value, step.value, rep.value)
 
 
+@dataclass(frozen=True)
+class QuantFormat:
+    """One GGUF block format ``quant.c`` decodes, as it reports it (``quant_format``)."""
+
+    type_id: int  # ggml's type id (gguf.GGMLQuantizationType)
+    block: int  # weights per block
+    bytes: int  # bytes per block
+
+    @classmethod
+    def read_all(cls, fn) -> dict[int, QuantFormat]:
+        """Every format ``quant_format(i, ...)`` reports, by type id, until it says there are no more."""
+        formats, i = {}, 0
+        t, b, n = ctypes.c_long(), ctypes.c_long(), ctypes.c_long()
+        while fn(i, ctypes.byref(t), ctypes.byref(b), ctypes.byref(n)) == 0:
+            formats[t.value] = cls(t.value, b.value, n.value)
+            i += 1
+        return formats
+
+
+def _read_quant_paths(fn) -> dict[str, int]:
+    """The paths ``quant_path(i, ...)`` names ("auto", "portable", "avx2", ...) that this CPU
+    runs, name -> the number its functions take."""
+    paths, i, runs = {}, 0, ctypes.c_int()
+    while (name := fn(i, ctypes.byref(runs))) is not None:
+        if runs.value:
+            paths[name.decode()] = i
+        i += 1
+    return paths
+
+
 _P, _N, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 # name: (dtypes, argument types, result type) of each family of functions.
 _SIGNATURES = {
@@ -45,6 +77,14 @@ _SIGNATURES = {
     "matvec3": (SUFFIX, [_P, _N, _P, _N, _P, _N, _P, _P, _N, _I], None),
     "matmat": (ROWS_DTYPES, [_P, _P, _P, _N, _N, _N, _I], _I),
     "attend": (SUFFIX, [_P, _P, _P, _P, _P, _N, _N, _N, _N, _N, ctypes.c_float, _I], _I),
+}
+# quant.c's functions (one each; the block format is an argument, its ggml type id): name:
+# (argument types, result type).
+_QUANT_SIGNATURES = {
+    "quant_format": ([_N, _P, _P, _P], _I),
+    "quant_path": ([_N, _P], ctypes.c_char_p),
+    "quant_matvec": ([_N, _P, _P, _P, _N, _N, _I, _I], _I),
+    "quant_dequantize": ([_N, _P, _P, _N, _N, _I, _I], _I),
 }
 
 
@@ -55,6 +95,9 @@ class Library:
         self.path, self.reason = path, reason
         self.limits: Limits | None = None
         self._fns: dict[str, dict[torch.dtype, ctypes._CFuncPtr]] = {}
+        self.quant_formats: dict[int, QuantFormat] = {}  # by ggml type id (quant.c's quant_format)
+        self.quant_paths: dict[str, int] = {}  # the paths this CPU runs (quant.c's quant_path)
+        self._quant: dict[str, ctypes._CFuncPtr] = {}
 
     @property
     def available(self) -> bool:
@@ -70,6 +113,9 @@ class Library:
             for name, (dtypes, argtypes, restype) in _SIGNATURES.items():
                 built._fns[name] = {dtype: _bind(lib, f"{name}_{SUFFIX[dtype]}", argtypes, restype) for dtype in dtypes}
             built.limits = Limits.read(lib)
+            built._quant = {name: _bind(lib, name, *sig) for name, sig in _QUANT_SIGNATURES.items()}
+            built.quant_formats = QuantFormat.read_all(built._quant["quant_format"])
+            built.quant_paths = _read_quant_paths(built._quant["quant_path"])
         except (OSError, AttributeError) as e:
             return cls(None, f"could not load {path}: {e}; delete it to rebuild")
         return built
@@ -125,6 +171,47 @@ class Library:
         if status != 0:
             raise MemoryError(f"attention kernel: no memory for {n_rep} x {int(position) + 1} float32 scores")
         return out
+
+
+    def quant_matvec(
+        self, type_id: int, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor, path: str = "auto"
+    ) -> torch.Tensor:
+        """out[n] = row n . x for contiguous uint8 ``blocks`` [N, bytes per row] of ggml type
+        ``type_id`` (one of ``quant_formats``), float32 x [K] and out [N] (``quant.c``), along
+        ``path`` (one of ``quant_paths``: "auto", or forced "portable", "avx2", "avx512")."""
+        K = x.numel()
+        status = self._quant["quant_matvec"](
+            type_id, blocks.data_ptr(), x.data_ptr(), out.data_ptr(), out.numel(), K, torch.get_num_threads(),
+            self._quant_path(path),
+        )
+        _check_quant(status, type_id, K)
+        return out
+
+    def quant_dequantize(
+        self, type_id: int, blocks: torch.Tensor, out: torch.Tensor, path: str = "auto"
+    ) -> torch.Tensor:
+        """out [N, K] float32 = contiguous uint8 ``blocks`` [N, bytes per row] of ggml type
+        ``type_id`` dequantized, bit for bit as gguf-py does (``quant.c``; ``path`` as above)."""
+        N, K = out.shape
+        status = self._quant["quant_dequantize"](
+            type_id, blocks.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads(), self._quant_path(path)
+        )
+        _check_quant(status, type_id, K)
+        return out
+
+    def _quant_path(self, path: str) -> int:
+        if path not in self.quant_paths:
+            raise ValueError(f"quant kernel: no path {path!r} on this CPU; it runs {', '.join(self.quant_paths)}")
+        return self.quant_paths[path]
+
+
+def _check_quant(status: int, type_id: int, K: int) -> None:
+    if status == -1:
+        raise ValueError(f"quant kernel: ggml type id {type_id} is not one it decodes")
+    if status == -2:
+        raise ValueError(f"quant kernel: a row of {K} weights is not whole blocks of ggml type {type_id}")
+    if status != 0:
+        raise ValueError(f"quant kernel: status {status}")
 
 
 def _bind(lib: ctypes.CDLL, name: str, argtypes: list, restype) -> ctypes._CFuncPtr:

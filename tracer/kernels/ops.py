@@ -1,12 +1,12 @@
 """The kernels as torch tensors in, tensors out, and as torch operators for torch.compile.
 
-:func:`matvec` and :func:`decode_attention` allocate the output and call the library. Eager code
-calls them directly (a Python call, no dispatcher). Inside a compiled graph they are the operators
-``torch.ops.llama_tracer.matvec`` / ``decode_attention``, which the compiler treats as opaque and
-fuses code around; :func:`register` defines those, once, when a model first takes the kernels on
-(``tracer.fast.use_kernels``), not at import. Registered with the low-level ``torch.library`` API:
-``torch.library.custom_op`` adds about 10 us of Python to each call, more than a small model's
-product takes.
+:func:`matvec`, :func:`quant_matvec`, :func:`dequantize` and :func:`decode_attention` allocate
+the output and call the library. Eager code calls them directly (a Python call, no dispatcher).
+Inside a compiled graph they are the operators ``torch.ops.llama_tracer.matvec`` /
+``decode_attention``, which the compiler treats as opaque and fuses code around; :func:`register`
+defines those, once, when a model first takes the kernels on (``tracer.fast.use_kernels``), not at
+import. Registered with the low-level ``torch.library`` API: ``torch.library.custom_op`` adds
+about 10 us of Python to each call, more than a small model's product takes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ def matvec(x: torch.Tensor, w0: torch.Tensor, w1=None, w2=None) -> torch.Tensor:
         weights, rows = (w0, w1, w2), w0.shape[0] + w1.shape[0] + w2.shape[0]
     out = torch.empty(x.shape[:-1] + (rows,), dtype=x.dtype)
     return library().run(x.contiguous(), weights, out)
+
+
+def quant_matvec(x: torch.Tensor, blocks: torch.Tensor, type_id: int, path: str = "auto") -> torch.Tensor:
+    """``x`` [..., K] float32 (one row) times the quantized weight ``blocks`` (uint8 [N, bytes per
+    row] of ggml type ``type_id``): [..., N] float32. ``path``: see ``Library.quant_paths``."""
+    out = torch.empty(x.shape[:-1] + (blocks.shape[0],), dtype=torch.float32)
+    return library().quant_matvec(type_id, blocks.contiguous(), x.contiguous(), out, path)
+
+
+def dequantize(blocks: torch.Tensor, type_id: int, K: int, path: str = "auto") -> torch.Tensor:
+    """The rows ``blocks`` (uint8 [N, bytes per row] of ggml type ``type_id``) as float32 [N, K]."""
+    out = torch.empty(blocks.shape[0], K, dtype=torch.float32)
+    return library().quant_dequantize(type_id, blocks.contiguous(), out, path)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, scale: float):
