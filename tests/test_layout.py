@@ -17,7 +17,7 @@ PACKAGE = ROOT / "tracer"
 # (fast, matvec, attend, kernels) as a side wing above the model that the model does not know.
 LAYERS = [
     {"errors", "dtypes", "knobs"},
-    {"config", "hooks", "sampling", "catalog", "chat_template", "safetensors_file"},
+    {"config", "hooks", "sampling", "catalog", "chat_template", "safetensors_file", "gguf_blocks"},
     {"resolution", "gguf_file", "tokenizer"},
     {"checkpoint", "gguf_tokenizer", "model"},
     {"trace"},  # events are built from the reports they describe (checkpoint's ShardReport)

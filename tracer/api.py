@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from . import dtypes, fast, knobs, sampling
+from . import dtypes, fast, knobs, quant, sampling
 from .checkpoint import checkpoint_layout, load_weights, read_config
 from .config import GenerationDefaults, LlamaConfig
-from .errors import DeviceError, GenerationError, TokenizerError
+from .errors import CheckpointError, DeviceError, GenerationError, TokenizerError
 from .generate import CaptureOptions, Decoder
 from .gguf_tokenizer import load_gguf_tokenizer
 from .hooks import point_shapes
@@ -375,6 +375,7 @@ def load(
     progress: bool = True,
     compile: bool = False,
     matvec: str = "auto",
+    quantized: bool = False,
 ) -> Llama:
     """Load a Llama checkpoint: None (the embedded default model), a short name from
     ``tracer.catalog`` ("smollm2": a real chat model, offline), a folder, a ``.gguf`` file, or a
@@ -388,17 +389,27 @@ def load(
     ``matvec`` picks what computes batch-1 decode's one-row products on the CPU: "auto" (our
     AVX2 kernels where they can be built, see ``tracer.kernels``), "kernel" or "torch"
     (:func:`tracer.fast.use_kernels`); ``llm.load_trace.meta["matvec"]`` says which is in use.
+    ``quantized=True`` (a GGUF, on the CPU, in float32; "auto" means those) keeps each linear
+    layer stored in a block format of ``tracer.quant.TYPES`` as the file's bytes, multiplied on the
+    fly (:class:`tracer.quant.KeepQuantized`); ``llm.load_trace.meta["quantized"]`` says which
+    path each layer took.
     """
-    dev = pick_device(device)
+    dev = pick_device("cpu" if quantized and str(device) == "auto" else device)
     trace = Trace()
     # Resolution finds config.json, so it runs first; the trace still lists the config first.
     resolved = _resolve(trace, source, dev, revision=revision, token=token, gguf_file=gguf_file)
-    cfg, torch_dtype = _read_config(trace, resolved, dtype, dev)
+    cfg, torch_dtype = _read_config(trace, resolved, dtypes.FLOAT32.name if quantized and dtype == dtypes.AUTO
+                                    else dtype, dev)
+    if quantized:
+        _check_quantized(resolved, dev, torch_dtype)
     check_fits(cfg, dev, torch_dtype)
     # The tokenizer before the weights: a checkpoint without a usable one fails before any is read.
     tokenizer = _tokenizer(resolved, cfg)
     model = _build_model(cfg, dev, torch_dtype, matvec)
-    _load_shards(trace, model, resolved, progress)
+    keep = quant.KeepQuantized(model) if quantized else None
+    _load_shards(trace, model, resolved, progress, keep)
+    if keep is not None:
+        trace.meta["quantized"] = dict(keep.paths)
     defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
     trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dtypes.name_of(torch_dtype),
                       matvec=fast.products(model), format=resolved.format)
@@ -436,10 +447,21 @@ def _build_model(cfg: LlamaConfig, dev: torch.device, dtype: torch.dtype, matvec
     return model
 
 
-def _load_shards(trace: Trace, model: LlamaModel, resolved: ResolvedCheckpoint, progress: bool) -> None:
-    """Stage 3: the weights, file by file (one ``load_shard`` event each, from the loader's report)."""
+def _check_quantized(resolved: ResolvedCheckpoint, dev: torch.device, dtype: torch.dtype) -> None:
+    """A quantized load needs a GGUF's blocks, the CPU kernels' device and float32 activations."""
+    if resolved.format != "gguf":
+        raise CheckpointError(f"{resolved.source}: quantized=True keeps a GGUF file's quantized blocks, but this "
+                              f"checkpoint is {resolved.format}; load it without quantized=True")
+    if dev.type != "cpu" or dtype != torch.float32:
+        raise DeviceError(f"quantized=True runs on the CPU in float32, not on {dev} in {dtypes.name_of(dtype)}; "
+                          "use device='cpu' and dtype='float32' (or 'auto'), or load without quantized=True")
+
+
+def _load_shards(trace: Trace, model: LlamaModel, resolved: ResolvedCheckpoint, progress: bool, keep=None) -> None:
+    """Stage 3: the weights, file by file (one ``load_shard`` event each, from the loader's report);
+    ``keep``: a quantized load's :class:`tracer.quant.KeepQuantized`."""
     with _progress(resolved, model.config, progress) as tick:
-        for report in load_weights(model, resolved, on_tensor=tick):
+        for report in load_weights(model, resolved, on_tensor=tick, keep=keep):
             trace.add(LoadShardEvent.from_report(report, memory=memory_snapshot(model.device)))
 
 

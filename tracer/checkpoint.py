@@ -139,7 +139,7 @@ def open_weights(path: Path, resolved: ResolvedCheckpoint, cfg: LlamaConfig, *, 
 
 def load_weights(
     model: torch.nn.Module, resolved: ResolvedCheckpoint, *, map_files: bool = True, on_tensor=None,
-    upload: StagedUpload | None = None,
+    upload: StagedUpload | None = None, keep=None,
 ) -> Iterator[ShardReport]:
     """Fill ``model`` (allocated, e.g. by ``LlamaModel.allocate``) from the checkpoint, yielding per file.
 
@@ -148,7 +148,10 @@ def load_weights(
     With ``map_files`` (and a CPU model), parameters stored as-is become views of the mapped file.
     A CUDA model is filled through a :class:`StagedUpload` (``upload``: given by tests to run that
     path with a fake device), synchronised once per file. ``on_tensor()``, if given, is called
-    after each tensor (a progress bar's tick).
+    after each tensor (a progress bar's tick). ``keep(param name, stored)``, if given, is offered
+    each tensor's stored bytes first (a GGUF's ``stored_blocks``, or None) and returns whether it
+    took them (``tracer.quant.KeepQuantized``: a quantized load); such a tensor is counted as
+    mapped, under its type's ``by_type`` row's ``"kept_quantized"``.
     """
     cfg: LlamaConfig = model.config
     layout = checkpoint_layout(cfg)
@@ -166,13 +169,17 @@ def load_weights(
         try:
             found = _match(weights, layout, resolved, cfg, report)
             for name, slot in found:
-                _load_tensor(weights, name, params[slot.param], report, upload)
+                if keep is None or not _kept(weights, name, slot.param, keep, report):
+                    _load_tensor(weights, name, params[slot.param], report, upload)
                 if on_tensor is not None:
                     on_tensor()
             if upload is not None:
                 upload.finish()  # the file's uploads are done: its seconds include them
         finally:
             weights.close()
+        if keep is not None:  # a quantized load: every type's row says how many stayed in blocks
+            for row in report.by_type.values():
+                row.setdefault("kept_quantized", 0)
         seen.update(name for name, _ in found)
         unexpected += report.unexpected
         report.seconds = time.perf_counter() - started
@@ -221,6 +228,16 @@ def _load_tensor(weights, name: str, param: torch.Tensor, report: ShardReport, u
     _account(report, weights.entries[name], param, mapped=view is not None, seconds=time.perf_counter() - t0)
 
 
+def _kept(weights, name: str, param: str, keep, report: ShardReport) -> bool:
+    """Whether ``keep`` took tensor ``name`` (for our ``param``) as the bytes the file stores."""
+    t0 = time.perf_counter()
+    stored = weights.stored_blocks(name) if hasattr(weights, "stored_blocks") else None
+    if not keep(param, stored):
+        return False
+    _account(report, weights.entries[name], stored.blocks, mapped=True, seconds=time.perf_counter() - t0, kept=True)
+    return True
+
+
 def _check_complete(layout: dict, seen: set[str], resolved: ResolvedCheckpoint) -> None:
     missing = [k for k in layout if k not in seen]
     if missing:
@@ -241,13 +258,14 @@ def _check_index_agrees(resolved: ResolvedCheckpoint, path: Path, entries: dict)
         )
 
 
-def _account(report: ShardReport, entry, dest: torch.Tensor, *, mapped: bool, seconds: float) -> None:
+def _account(report: ShardReport, entry, dest: torch.Tensor, *, mapped: bool, seconds: float,
+             kept: bool = False) -> None:
     in_memory = dest.numel() * dest.element_size()
     report.num_tensors += 1
     report.bytes_read += entry.nbytes
     report.bytes_in_memory += in_memory
     report.tensors_mapped += mapped
-    runtime = dtypes.name_of(dest.dtype)
+    runtime = entry.stored if kept else dtypes.name_of(dest.dtype)  # kept blocks are not cast
     if entry.stored != runtime:
         key = f"{entry.stored}->{runtime}"
         report.casts[key] = report.casts.get(key, 0) + 1
@@ -257,6 +275,8 @@ def _account(report: ShardReport, entry, dest: torch.Tensor, *, mapped: bool, se
     row["bytes_on_disk"] += entry.nbytes
     row["bytes_in_memory"] += in_memory
     row["seconds"] += seconds
+    if kept:
+        row["kept_quantized"] = row.get("kept_quantized", 0) + 1
 
 
 # ---------------------------------------------------------------------------------------------

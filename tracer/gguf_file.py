@@ -12,7 +12,8 @@ quantized in blocks (Q4_1: 32 weights in 20 bytes, a scale and a minimum per blo
 We parse the header ourselves: every count and offset is checked against the file's size before it
 is trusted, so a truncated or lying file is named in one line, and the 49152-entry vocabulary reads
 in milliseconds. The ``gguf`` library (llama.cpp's own Python package) supplies what it knows best:
-the type ids, the block sizes and the dequantization of every block type.
+the type ids, the block sizes and the dequantization of the block types that
+``tracer.gguf_blocks`` (shared with the quantized layers of ``tracer.quant``) does not decode itself.
 
 :class:`GGUFWeights` is this format's side of the tensor-by-tensor loader in ``tracer.checkpoint``
 (the safetensors side is ``tracer.safetensors_file``): it names each tensor as the hub does, so the
@@ -33,6 +34,8 @@ import torch
 
 from . import dtypes
 from .errors import CheckpointError
+from .gguf_blocks import TYPES as BLOCK_TYPES
+from .gguf_blocks import dequantize as dequantize_blocks
 from .safetensors_file import map_file, view_in
 
 MAGIC = b"GGUF"
@@ -277,7 +280,7 @@ class GGUFFile:
     def require_decodable(self) -> None:
         """Refuse, before anything is allocated, a tensor type nothing here can dequantize."""
         for t in {t.type_name: t for t in self.tensors.values()}.values():
-            if t.type_name in PLAIN or t.type_name in TORCH_DEQUANT:
+            if t.type_name in PLAIN or t.type_name in BLOCK_TYPES:
                 continue
             _, block, block_bytes = _type_info(t.type_id, t.name, self.path)
             one_block = GGUFTensor(t.name, (block,), t.type_name, t.type_id, 0, block_bytes)
@@ -384,42 +387,16 @@ def _read(f, begin: int, nbytes: int, path: Path, name: str) -> np.ndarray:
     return buf
 
 
-def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    """Q8_0, 34 bytes per 32 weights: a float16 scale d, then 32 int8 codes q; w = d * q."""
-    d = blocks[:, :2].view(torch.float16).float()  # [n, 1]
-    return blocks[:, 2:].view(torch.int8).float() * d
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 bytes of 4-bit codes -> 32 codes: the low nibbles are weights 0-15, the high ones 16-31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
-
-
-def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    """Q4_0, 18 bytes per 32 weights: a float16 scale d, 32 4-bit codes q; w = d * (q - 8)."""
-    d = blocks[:, :2].view(torch.float16).float()
-    return d * (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).float()
-
-
-def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    """Q4_1, 20 bytes per 32 weights: float16 scale d and minimum m, 32 4-bit codes q; w = d * q + m."""
-    d = blocks[:, :2].view(torch.float16).float()
-    m = blocks[:, 2:4].view(torch.float16).float()
-    return d * _nibbles(blocks[:, 4:]).float() + m
-
-
-# The block types most files use (SmolLM2's Q4_1 and Q8_0, the classic Q4_0), dequantized in
-# torch: the same float32 arithmetic as the gguf library's numpy code (tests hold them equal), on
-# every core. Other types go through the library.
-TORCH_DEQUANT = {"Q8_0": (34, _q8_0), "Q4_0": (18, _q4_0), "Q4_1": (20, _q4_1)}
-
-
 def _dequantize(raw: np.ndarray, t: GGUFTensor) -> np.ndarray:
-    """Rows of ``t`` as float32 [rows, cols]: llama.cpp's block formats, decoded."""
-    if t.type_name in TORCH_DEQUANT:
-        size, fn = TORCH_DEQUANT[t.type_name]
-        return fn(torch.from_numpy(raw).view(-1, size)).numpy().reshape(-1, t.row_bytes // size * 32)
-    return dequantize_with_gguf(raw, t)
+    """Rows of ``t`` as float32 [rows, cols]: llama.cpp's block formats, decoded. The formats most
+    files use (``tracer.gguf_blocks.TYPES``: SmolLM2's Q4_1 and Q8_0, the classic Q4_0, Q4_K_M's
+    Q4_K and Q6_K) are decoded in torch, on every core, bit for bit as the gguf library decodes
+    them; the others go through the library."""
+    kind = BLOCK_TYPES.get(t.type_name)
+    if kind is None:
+        return dequantize_with_gguf(raw, t)
+    columns = t.row_bytes // kind.bytes * kind.block
+    return dequantize_blocks(raw, kind, (raw.size // t.row_bytes, columns)).numpy()
 
 
 def dequantize_with_gguf(raw: np.ndarray, t: GGUFTensor) -> np.ndarray:
@@ -444,6 +421,16 @@ def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     rows = w.shape[0]
     d = rows // heads
     return w.reshape(heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+@dataclass(frozen=True)
+class StoredBlocks:
+    """A 2-D tensor's bytes as the file stores them: a view of the memory-mapped file, no copy."""
+
+    blocks: torch.Tensor  # uint8 [rows, bytes per row]
+    type_name: str  # ggml type, e.g. "Q4_1"
+    shape: tuple[int, int]  # the values it stands for, [rows, cols]
+    row_order: torch.Tensor | None  # our row i is stored row row_order[i] (llama.cpp's q/k), or None
 
 
 # Dequantize this many values at a time: bounds the float32 scratch to 64 MB whatever the tensor.
@@ -480,6 +467,18 @@ class GGUFWeights:
         if self._mapped is None or PLAIN.get(t.type_name) != param.dtype or self._permuted_heads(name):
             return None
         return view_in(self._mapped, t.begin, t.nbytes, param)
+
+    def stored_blocks(self, name: str) -> StoredBlocks | None:
+        """Matrix ``name`` as the file stores it (a quantized load keeps these bytes and multiplies
+        by them, ``tracer.quant``), with the order that undoes the q/k permutation; None for a
+        vector, or when the file is not mapped."""
+        t = self.entries[name]
+        if self._mapped is None or len(t.shape) != 2:
+            return None
+        heads = self._permuted_heads(name)
+        order = unpermute_rows(torch.arange(t.shape[0]), heads) if heads else None
+        raw = self._mapped[t.begin : t.begin + t.nbytes].view(t.shape[0], t.row_bytes)
+        return StoredBlocks(raw, t.type_name, (t.shape[0], t.shape[1]), order)
 
     def fill(self, name: str, dest: torch.Tensor, upload=None) -> None:
         """Dequantize tensor ``name`` into ``dest`` (cast to its dtype), rows in chunks. On a GPU,
