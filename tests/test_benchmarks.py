@@ -211,3 +211,20 @@ def test_a_cached_gguf_is_redone_when_the_checkpoint_or_the_converter_is_newer(t
     os.utime(converter, (2000, 2000))  # the converter changed after the file was written
     assert not llamacpp.is_fresh(out, config, converter)
     assert not llamacpp.is_fresh(tmp_path / "absent.gguf", config)
+
+
+def test_quant_load_small_run_writes_results(tmp_path):
+    """benchmarks/quant_load.py: both ways of loading the real model's GGUF, in fresh processes."""
+    out = tmp_path / "quant.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quant_load", "--tokens", "3", "--repeats", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [run["quantized"] for run in r["runs"]] == [False, True, False, True]
+    # Greedy on the same prompt: the quantized model says the same words.
+    assert len({run["text"] for run in r["runs"]}) == 1, [run["text"] for run in r["runs"]]
+    for key in ("load_seconds_quantized_over_float32", "rss_quantized_over_float32", "decode_quantized_over_float32"):
+        assert r["ratios"][key] > 0
+    assert r["ratios"]["rss_quantized_over_float32"] < 1  # the blocks stay in the mapped file
