@@ -336,3 +336,44 @@ def test_use_kernels_swaps_every_product_and_back_over_the_same_parameters():
     assert {torch.nn.Linear, Stacked} <= kinds() and not {KernelLinear, KernelStacked} & kinds()
     assert all(p is params[n] for n, p in model.named_parameters())
     assert fast.step_attention(model) is attend.masked
+
+
+# --------------------------------------------------------------------------- prompt rows, per CPU
+
+def _fake_timer(kernel_seconds: float, torch_seconds: float):
+    """A clock read twice per contender (start, end), kernel first, as rows_on_kernel reads it."""
+    ticks = iter([0.0, kernel_seconds, 0.0, torch_seconds])
+    return lambda: next(ticks)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("kernel_s", "torch_s", "expected"), [(1.0, 3.0, True), (3.0, 1.0, False)])
+def test_prompt_rows_go_to_whichever_measured_faster(kernel_s, torch_s, expected):
+    model = small_model().to(torch.float16)
+    assert fast.rows_on_kernel(model, timer=_fake_timer(kernel_s, torch_s)) is expected
+
+
+def test_float32_prompts_stay_on_torch_without_measuring():
+    model = small_model()
+
+    def clock():
+        raise AssertionError("a float32 model measured its prompt rows")
+
+    assert fast.rows_on_kernel(model, timer=clock) is False
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_prompt_rows_off_the_kernel_are_torch_exactly():
+    """With rows=False a 16-bit prompt is F.linear bit for bit (one row still takes the kernel)."""
+    model = small_model().to(torch.float16)
+    fast.use_kernels(model, "kernel")
+    layers = [m for m in model.modules() if isinstance(m, (KernelLinear, KernelStacked))]
+    assert layers and len({m.rows for m in layers}) == 1  # one decision for the whole model
+    assert fast.prompt_products(model) == ("kernel" if layers[0].rows else "torch")
+    for m in layers:
+        m.rows = False
+    lin = model.lm_head
+    x = torch.randn(7, lin.in_features, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight))
+    assert fast.prompt_products(model) == "torch"

@@ -412,7 +412,8 @@ def load(
         trace.meta["quantized"] = dict(keep.paths)
     defaults = GenerationDefaults.from_file(resolved.generation_config_file, cfg.eos_token_ids)
     trace.meta.update(source=str(resolved.source), device=str(dev), dtype=dtypes.name_of(torch_dtype),
-                      matvec=fast.products(model), format=resolved.format)
+                      matvec=fast.products(model), prompt_products=fast.prompt_products(model),
+                      format=resolved.format)
     llm = Llama(model, tokenizer, defaults, resolved, trace)
     if compile:
         llm.compile_step()

@@ -70,7 +70,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import attend, dtypes, kernels
+from . import attend, dtypes, kernels, matvec
 from .errors import DeviceError
 from .kernels import ops
 from .matvec import KernelLinear, KernelStacked, sharing
@@ -98,9 +98,10 @@ def use_kernels(model: LlamaModel, matvec: str = "auto") -> str:
     if matvec not in MATVEC_CHOICES:
         raise ValueError(f"matvec must be 'auto', 'kernel' or 'torch', not {matvec!r}")
     lib = _library_for(model, matvec)
+    rows = lib is not None and rows_on_kernel(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            swapped = _swapped(child, lib)
+            swapped = _swapped(child, lib, rows)
             if swapped is not child:
                 setattr(parent, name, swapped)
     return products(model)
@@ -124,13 +125,44 @@ def _library_for(model: LlamaModel, matvec: str) -> kernels.Library | None:
     return lib
 
 
-def _swapped(module: nn.Module, lib: kernels.Library | None) -> nn.Module:
-    """``module`` on the kernels of ``lib`` (or on torch's products where ``lib`` is None)."""
+def rows_on_kernel(model: LlamaModel, *, timer: Callable[[], float] = time.perf_counter) -> bool:
+    """Whether a 16-bit prompt's rows run faster on the kernel than on torch's matmul, on this CPU.
+
+    Measured once per load on one MLP-sized product of 64 rows (about 0.1 s for 7B shapes), as the
+    answer depends on the machine: the kernel widens 16-bit weights to float32 (several times
+    torch's speed on AVX2), while torch's float16/bfloat16 matmul uses AVX512-FP16 or AMX where the
+    CPU has them (faster than the kernel there). Float32 prompts always use torch's BLAS.
+    """
+    if model.dtype not in matvec.ROWS_DTYPES:
+        return False
+    cfg = model.config
+    # Any values time the same; small constants keep float16 finite.
+    w = torch.full((cfg.intermediate_size, cfg.hidden_size), 0.01, dtype=model.dtype)
+    x = torch.full((matvec.ROWS_PER_CALL, cfg.hidden_size), 0.01, dtype=model.dtype)
+    seconds = {}
+    with torch.inference_mode():
+        for name, fn in (("kernel", lambda: matvec.product(x, w)), ("torch", lambda: torch.nn.functional.linear(x, w))):
+            fn()  # warm: pages touched, threads up
+            start = timer()
+            fn()
+            fn()
+            seconds[name] = timer() - start
+    return seconds["kernel"] < seconds["torch"]
+
+
+def _swapped(module: nn.Module, lib: kernels.Library | None, rows: bool = True) -> nn.Module:
+    """``module`` on the kernels of ``lib`` (or on torch's products where ``lib`` is None); ``rows``:
+    a 16-bit prompt's rows on the kernel too (:func:`rows_on_kernel`)."""
     kind = type(module)
+    if lib is not None and kind in (KernelLinear, KernelStacked):
+        module.rows = rows
+        return module
     if lib is not None and kind is nn.Linear:
-        return sharing(KernelLinear, module)
+        swapped = sharing(KernelLinear, module)
+        swapped.rows = rows
+        return swapped
     if lib is not None and kind is Stacked:
-        return KernelStacked(lib.limits.max_parts)
+        return KernelStacked(lib.limits.max_parts, rows)
     if lib is None and kind is KernelLinear:
         return sharing(nn.Linear, module)
     if lib is None and kind is KernelStacked:
@@ -142,6 +174,11 @@ def products(model: LlamaModel) -> str:
     """What computes ``model``'s products: "kernel" or "torch" (:func:`use_kernels` swaps all of
     them together, lm_head with the rest)."""
     return "kernel" if isinstance(model.lm_head, KernelLinear) else "torch"
+
+
+def prompt_products(model: LlamaModel) -> str:
+    """What computes a 16-bit prompt's several rows: "kernel" or "torch" (:func:`rows_on_kernel`)."""
+    return "kernel" if isinstance(model.lm_head, KernelLinear) and model.lm_head.rows else "torch"
 
 
 def step_attention(model: LlamaModel) -> Callable:

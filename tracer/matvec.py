@@ -34,15 +34,16 @@ MIN_WEIGHTS = 4096
 ROWS_PER_CALL = 64
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, rows: bool = True) -> bool:
     """Whether the kernel can compute ``F.linear(x, weight, bias)``.
 
     Inference only (no autograd), a row-major CPU weight of the activations' dtype, no bias; one
     row of activations (a decode step) in float32/float16/bfloat16, or several rows (a prompt) in
-    float16/bfloat16. (Whether the kernel could be built is ``tracer.kernels.library()``'s business.)
+    float16/bfloat16 when ``rows``. (Whether the kernel could be built is
+    ``tracer.kernels.library()``'s business.)
     """
     return (
-        (x.numel() == x.shape[-1] or x.dtype in ROWS_DTYPES)
+        (x.numel() == x.shape[-1] or (rows and x.dtype in ROWS_DTYPES))
         and _fits_rows(x)
         and _fits_weight(x, weight, bias)
     )
@@ -86,9 +87,11 @@ def _one_row(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     return ops.matvec(x, *weights)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, on the kernel where it :func:`fits` (the kernel must be built)."""
-    if fits(x, weight, bias):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           rows: bool = True) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on the kernel where it :func:`fits` (the kernel must be built);
+    ``rows=False`` leaves a prompt's several rows to torch."""
+    if fits(x, weight, bias, rows=rows):
         return product(x, weight)
     return F.linear(x, weight, bias)
 
@@ -96,8 +99,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class KernelLinear(nn.Linear):
     """``nn.Linear`` whose products run on the kernel where they fit (``tracer.fast.use_kernels``)."""
 
+    # Whether a 16-bit prompt's rows go to the kernel too. Measured per load by use_kernels: where
+    # torch's float16 matmul runs on AVX512-FP16 or AMX (Sapphire Rapids), it beats the kernel,
+    # which widens to float32; elsewhere (AVX2) the kernel is several times faster.
+    rows: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, rows=self.rows)
 
 
 def sharing(cls: type[nn.Linear], layer: nn.Linear) -> nn.Linear:
@@ -116,9 +124,10 @@ class KernelStacked(Stacked):
     """:class:`~tracer.model.Stacked` on the kernel: one row is one call for up to ``max_parts``
     layers (one thread team, x widened once); otherwise each layer is its own :func:`linear`."""
 
-    def __init__(self, max_parts: int) -> None:
+    def __init__(self, max_parts: int, rows: bool = True) -> None:
         super().__init__()
         self.max_parts = max_parts  # the library's limit (kernels.Limits), read when swapped in
+        self.rows = rows  # as KernelLinear.rows
 
     def forward(self, x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
         if x.numel() == x.shape[-1] and len(layers) <= self.max_parts and _fits_rows(x):
@@ -129,4 +138,4 @@ class KernelStacked(Stacked):
                 weights.append(m.weight)
             else:
                 return _one_row(x, *weights)
-        return torch.cat([linear(x, m.weight, m.bias) for m in layers], dim=-1)
+        return torch.cat([linear(x, m.weight, m.bias, rows=self.rows) for m in layers], dim=-1)
