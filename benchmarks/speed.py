@@ -434,8 +434,14 @@ def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> di
     for _ in range(repeats):
         sums.append(timed(lambda: x.sum(), device)[0])
         copies.append(timed(lambda: y.copy_(x), device)[0])
+    return bandwidth_figures(nbytes, sums, copies)
+
+
+def bandwidth_figures(nbytes: int, sums: list[float], copies: list[float], **extra) -> dict:
+    """GB/s of each timed sum and copy of ``nbytes``, the best of each, and the ceiling (the better)."""
     out = {
         "tensor_bytes": nbytes,
+        **extra,
         "sum_GBps_all": [nbytes / t / 1e9 for t in sums],
         "copy_GBps_all": [2 * nbytes / t / 1e9 for t in copies],  # bytes read + bytes written
     }
@@ -466,16 +472,8 @@ def measure_gpu_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) 
         return out
 
     sums, copies = seconds(lambda: x.sum()), seconds(lambda: y.copy_(x))
-    out = {
-        "tensor_bytes": nbytes,
-        "method": f"CUDA events around each of {repeats} runs after a warm-up; best run",
-        "sum_GBps_all": [nbytes / t / 1e9 for t in sums],
-        "copy_GBps_all": [2 * nbytes / t / 1e9 for t in copies],  # bytes read + bytes written
-    }
-    out["sum_GBps"] = max(out["sum_GBps_all"])
-    out["copy_GBps"] = max(out["copy_GBps_all"])
-    out["ceiling_GBps"] = max(out["sum_GBps"], out["copy_GBps"])
-    return out
+    return bandwidth_figures(nbytes, sums, copies,
+                             method=f"CUDA events around each of {repeats} runs after a warm-up; best run")
 
 
 def weight_bytes_per_token(model: LlamaModel) -> int:
