@@ -57,7 +57,9 @@ def first_logits(model, device="cpu") -> None:
 def load_ours(source: str, dtype: str) -> tuple[object, dict]:
     import tracer
 
-    llm = tracer.load(source, device="cpu", dtype=dtype, progress=False)
+    # quantized=False: every block dequantized, as transformers' from_pretrained(gguf_file=) does
+    # (benchmarks/quant_load.py times the default, which keeps the blocks).
+    llm = tracer.load(source, device="cpu", dtype=dtype, quantized=False, progress=False)
     first_logits(llm.model)
     return llm.model, {"dtype": str(llm.dtype).replace("torch.", ""), "origin": llm.resolved.origin}
 

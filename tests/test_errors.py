@@ -407,6 +407,7 @@ def test_cli_debug_before_or_after_the_command(where):
     ("use device='cpu' or 'auto'", "use --device cpu or auto"),
     ("use matvec='auto' or 'torch'", "use --matvec auto or torch"),
     ("pick one with gguf_file=NAME (--gguf-file)", "pick one with --gguf-file NAME"),
+    ("or load without quantized=True", "or load without --quantized yes"),
     ("pass token=... or log in", "pass --token TOKEN (or set HF_TOKEN) or log in"),
     ("torch_dtype='float16' in config.json", "torch_dtype='float16' in config.json"),  # a field, not an argument
 ])

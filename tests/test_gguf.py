@@ -45,6 +45,9 @@ def hf_tokenizer(path):
 
 
 def ours(path, **kwargs):
+    """Our load as transformers' (every block dequantized to float32; the quantized default, which
+    keeps blocks, is compared with this load in test_quant_load.py)."""
+    kwargs.setdefault("quantized", False)
     return tracer.load(path, device="cpu", dtype="float32", progress=False, **kwargs)
 
 

@@ -24,7 +24,7 @@ from tracer import api
 from tracer.catalog import CATALOG, offline_gguf
 from tracer.errors import CheckpointError, DeviceError
 from tracer.gguf_file import GGUFFile, hub_name
-from tracer.quant import EachLayer, QuantLinear
+from tracer.quant import EachLayer, QuantEmbedding, QuantLinear
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
@@ -68,7 +68,7 @@ def quantized(path):
 
 @pytest.fixture(scope="module")
 def dequantized(path):
-    return load(path, dtype="float32")
+    return load(path, dtype="float32", quantized=False)
 
 
 def test_real_model_logits_within_1e_3_and_64_greedy_tokens_equal(quantized, dequantized):
@@ -104,26 +104,32 @@ def test_every_linear_layer_is_a_view_of_the_mapped_file(quantized, path):
                "mlp.w_down": "mlp.down_proj"}[part]
         assert layer.blocks.data_ptr() - storage.data_ptr() == offsets[f"model.layers.{i}.{hub}.weight"], name
         assert (layer.order is not None) == (part in ("attn.wq", "attn.wk")), name
-    # SmolLM2 ties lm_head to the embedding: a lookup needs float rows, so both are that float32 matrix.
-    assert isinstance(quantized.model.embed, nn.Embedding) and quantized.model.embed.weight.dtype == torch.float32
-    assert quantized.model.lm_head.weight is quantized.model.embed.weight
+    # SmolLM2's embedding (Q8_0) stays in blocks too, and its tied lm_head multiplies by the very same bytes.
+    embed, head = quantized.model.embed, quantized.model.lm_head
+    assert isinstance(embed, QuantEmbedding) and embed.kind.name == "Q8_0"
+    assert embed.blocks.data_ptr() - storage.data_ptr() == offsets["model.embed_tokens.weight"]
+    assert isinstance(head, QuantLinear) and head.blocks.data_ptr() == embed.blocks.data_ptr()
+    assert quantized.model.dtype == torch.float32 and quantized.dtype == torch.float32
     assert isinstance(quantized.model.blocks[0].attn.qkv, EachLayer)
 
 
 def test_the_load_trace_says_which_path_each_layer_took(quantized, dequantized):
     paths = quantized.load_trace.meta["quantized"]
-    assert paths == {"lm_head": "tied:embed", "embed": "dequantized:Q8_0",
+    assert paths == {"lm_head": "tied:embed", "embed": "quantized:Q8_0",
                      **{name: "quantized:Q4_1" for name in linear_layers(quantized)}}
     (shard,) = quantized.load_trace.of("load_shard")
     q4 = shard.by_type["Q4_1"]
     assert q4["kept_quantized"] == q4["tensors"] == 210
     assert q4["bytes_in_memory"] == q4["bytes_on_disk"]  # the blocks, not four bytes a weight
-    assert shard.by_type["Q8_0"]["kept_quantized"] == 0
-    assert shard.casts == {"Q8_0->float32": 1}
-    assert json.loads(json.dumps(quantized.load_trace.meta))["quantized"] == paths
-    # The default load is as it was: no such meta, no such column.
-    assert "quantized" not in dequantized.load_trace.meta
+    assert shard.by_type["Q8_0"]["kept_quantized"] == 1
+    # The weights each type stands for are counted the same on both loads (bits per weight: 5 for Q4_1).
     (plain,) = dequantized.load_trace.of("load_shard")
+    assert {t: r["weights"] for t, r in shard.by_type.items()} == {t: r["weights"] for t, r in plain.by_type.items()}
+    assert 8 * q4["bytes_on_disk"] == 5 * q4["weights"]
+    assert shard.casts == {}  # nothing dequantized at load: only the norms, stored as float32 already
+    assert json.loads(json.dumps(quantized.load_trace.meta))["quantized"] == paths
+    # The dequantized load (quantized=False): no such meta, no such column.
+    assert "quantized" not in dequantized.load_trace.meta
     assert all("kept_quantized" not in row for row in plain.by_type.values())
 
 
@@ -175,15 +181,16 @@ KINDS = {"gpt2-q8_0-tied": "Q8_0", "gpt2-q4_0-tied": "Q4_0", "llama-q4_1": "Q4_1
 @pytest.mark.parametrize("kind", KINDS)
 def test_small_files_compute_what_the_dequantized_load_computes(gguf_file, kind):
     path = gguf_file(kind).path
-    q, d = load(path, quantized=True), load(path, dtype="float32")
+    q, d = load(path, quantized=True), load(path, dtype="float32", quantized=False)
     layers = linear_layers(q)
     assert all(isinstance(m, QuantLinear) and m.kind.name == KINDS[kind] for m in layers.values())
     order = layers["blocks.0.attn.wq"].order
     assert order is not None and not torch.equal(order, torch.arange(len(order)))  # a real permutation
     tied = q.config.tie_word_embeddings
     assert tied == kind.endswith("-tied")
-    if tied:
-        assert q.model.lm_head.weight is q.model.embed.weight
+    if tied:  # the embedding's blocks (these files store it in the same type) serve both
+        assert isinstance(q.model.embed, QuantEmbedding) and isinstance(q.model.lm_head, QuantLinear)
+        assert q.model.lm_head.blocks.data_ptr() == q.model.embed.blocks.data_ptr()
         assert q.load_trace.meta["quantized"]["lm_head"] == "tied:embed"
     else:  # its own tensor: kept in blocks like the rest
         assert isinstance(q.model.lm_head, QuantLinear)
@@ -218,3 +225,73 @@ def test_the_layer_s_order_reorders_its_output_features_on_both_paths():
             assert torch.equal(ordered(x), plain(x)[..., order])
     with pytest.raises(ValueError, match=r"order has shape \(11,\), not \(12,\)"):
         QuantLinear(raw, "Q8_0", rows, columns, order=order[:11])
+
+
+# --- The default, the products' path, the compiled step, saving -------------------------------------
+
+
+def test_a_gguf_on_the_cpu_keeps_its_blocks_by_default_and_dequantizes_when_told(gguf_file):
+    """quantized="auto": kept on a CPU float32 load of a file with block-format layers; a 16-bit
+    dtype, quantized=False, a file of plain floats or a safetensors folder load as transformers does."""
+    path = gguf_file("llama-q4_1").path
+    auto = load(path)
+    assert auto.dtype == torch.float32 and isinstance(auto.model.blocks[0].attn.wq, QuantLinear)
+    assert auto.load_trace.meta["quantized"]["blocks.0.attn.wq"] == "quantized:Q4_1"
+    for llm in (load(path, dtype="float16"), load(path, quantized=False), load(gguf_file("gpt2-f32").path)):
+        assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in llm.model.modules())
+        assert "quantized" not in llm.load_trace.meta
+    assert "quantized" not in load(None).load_trace.meta  # the embedded model: safetensors
+    with pytest.raises(DeviceError, match=r"quantized='yes' is not one of 'auto', True or False") as bad:
+        load(path, quantized="yes")
+    assert "\n" not in str(bad.value)
+
+
+def test_matvec_torch_keeps_the_blocks_but_leaves_every_product_to_torch(gguf_file):
+    path = gguf_file("llama-q4_1").path
+    kernel, plain = load(path, quantized=True), load(path, quantized=True, matvec="torch")
+    layers = [m for m in plain.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and not any(m.use_kernel for m in layers)
+    assert all(m.use_kernel for m in kernel.model.modules() if isinstance(m, QuantLinear))
+    # The untied head (its own Q4_1 tensor) says where its products run.
+    assert isinstance(kernel.model.lm_head, QuantLinear)
+    assert kernel.load_trace.meta["matvec"] == "kernel" and plain.load_trace.meta["matvec"] == "torch"
+    ids = list(range(3, 40, 3))
+    ours, our_logits = greedy(kernel, ids, 8)
+    theirs, their_logits = greedy(plain, ids, 8)
+    assert ours == theirs
+    scale = their_logits[0].abs().max().item()
+    assert max((a - b).abs().max().item() for a, b in zip(our_logits, their_logits)) <= 1e-5 * scale
+
+
+def test_the_compiled_step_runs_the_quantized_kernels(path, quantized):
+    """compile=True with kept blocks: the kernel is an operator of the compiled graph, and the
+    compiled decode gives the eager decode's tokens."""
+    compiled = load(path, quantized=True, compile=True)
+    prompt = "What is the capital of France?"
+    gen = compiled.generate(prompt, chat=True, do_sample=False, max_new_tokens=12, capture="off")
+    assert gen.trace.meta["step"] == "compiled-block" and compiled.load_trace.meta.get("compile_seconds")
+    eager = quantized.generate(prompt, chat=True, do_sample=False, max_new_tokens=12, capture="off")
+    assert gen.new_ids == eager.new_ids
+
+
+def test_kept_layers_show_the_weight_their_blocks_stand_for_and_save_as_floats(gguf_file, tmp_path):
+    """``.weight`` of a QuantLinear / QuantEmbedding is the dequantized load's weight (q/k rows in
+    the model's order), a lookup gives its rows, and save_pretrained writes those weights."""
+    from safetensors.torch import load_file
+
+    from tracer.checkpoint import hf_state_dict, save_pretrained
+
+    path = gguf_file("llama-q4_1").path
+    q, d = load(path, quantized=True), load(path, quantized=False)
+    assert isinstance(q.model.embed, QuantEmbedding)
+    for name in ("embed", "blocks.0.attn.wq", "blocks.1.attn.wk", "blocks.0.mlp.w_down", "lm_head"):
+        torch.testing.assert_close(q.model.get_submodule(name).weight, d.model.get_submodule(name).weight,
+                                   atol=0, rtol=0, msg=name)
+    ids = torch.tensor([[5, 7, q.config.vocab_size - 1], [0, 1, 2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(q.model.embed(ids), d.model.embed(ids), atol=0, rtol=0)
+    save_pretrained(q.model, tmp_path, dtype=torch.float32)
+    written, expected = load_file(str(tmp_path / "model.safetensors")), hf_state_dict(d.model)
+    assert set(written) == set(expected)
+    for name, t in expected.items():
+        torch.testing.assert_close(written[name], t, atol=0, rtol=0, msg=name)

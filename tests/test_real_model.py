@@ -8,6 +8,10 @@ ids, decoded text, fp32 logits, greedy and seeded-sampled tokens, where generati
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,7 +40,8 @@ def path():
 
 @pytest.fixture(scope="module")
 def llm():
-    return tracer.load("smollm2", device="cpu", dtype="float32", progress=False)
+    # Dequantized as transformers reads the file (the quantized default: test_quant_load.py).
+    return tracer.load("smollm2", device="cpu", dtype="float32", quantized=False, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,18 @@ def test_cli_answers_the_readme_question(capsys):
 
     assert main(["generate", "--model", "smollm2", "--chat", "--prompt", QUESTION, "--greedy"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("word", ["yes", "no"])
+def test_cli_quantized_flag_picks_the_load(word, capsys):
+    """--quantized yes keeps the GGUF's blocks, no dequantizes them; both answer alike."""
+    from tracer.cli import main
+
+    assert main(["generate", "--model", "smollm2", "--chat", "--prompt", QUESTION, "--greedy", "--json",
+                 "--quantized", word, "--max-new-tokens", "8"]) == 0
+    assert "Paris" in json.loads(capsys.readouterr().out)["text"]
+    if word == "no":
+        return
+    r = subprocess.run([sys.executable, "-m", "tracer", "generate", "--model", "smollm2", "--prompt", "x",
+                        "--quantized", "yes", "--dtype", "float16"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--quantized yes" in r.stderr

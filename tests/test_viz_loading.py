@@ -128,8 +128,21 @@ def test_casts_and_stored_types_are_text():
     assert rows["Q4_1"]["block"] == "32 weights in 20 bytes" and rows["Q4_1"]["bits per weight on disk"] == 5.0
     assert rows["Q8_0"]["block"] == "32 weights in 34 bytes" and rows["Q8_0"]["bits per weight on disk"] == 8.5
     assert rows["float32"]["bits per weight on disk"] == 32.0 and rows["Q4_1"]["memory / disk"] == "6.40x"
+    assert rows["Q4_1"]["in memory as"] == "float32"
     for r in rows.values():
         assert not any(isinstance(v, (dict, list)) or "{" in str(v) for v in r.values())
+
+
+def test_a_kept_type_shows_its_blocks_in_memory_and_its_weights_counted():
+    """A quantized load's row: bytes in memory are the file's blocks, the weights counted apart."""
+    n4 = 32 * 3000
+    kept = {"tensors": 7, "weights": n4, "bytes_on_disk": 20 * n4 // 32, "bytes_in_memory": 20 * n4 // 32,
+            "seconds": 0.01, "kept_quantized": 7}
+    event = shard("model.Q4_1.gguf", 1.0, {}, format="gguf")
+    event.by_type = {"Q4_1": kept}
+    (row,) = tables.by_type_rows(event)
+    assert row["in memory as"] == "Q4_1 blocks" and row["weights"] == f"{n4:,}"
+    assert row["bits per weight on disk"] == 5.0 and row["memory / disk"] == "1.00x"
 
 
 # ------------------------------------------------------------------------ notebook 06: explorer

@@ -20,6 +20,7 @@ from .checkpoint import checkpoint_layout, load_weights, read_config
 from .config import GenerationDefaults, LlamaConfig
 from .errors import CheckpointError, DeviceError, GenerationError, TokenizerError
 from .generate import CaptureOptions, Decoder
+from .gguf_file import GGUFFile
 from .gguf_tokenizer import load_gguf_tokenizer
 from .hooks import point_shapes
 from .model import LlamaModel
@@ -375,7 +376,7 @@ def load(
     progress: bool = True,
     compile: bool = False,
     matvec: str = "auto",
-    quantized: bool = False,
+    quantized: bool | str = quant.AUTO,
 ) -> Llama:
     """Load a Llama checkpoint: None (the embedded default model), a short name from
     ``tracer.catalog`` ("smollm2": a real chat model, offline), a folder, a ``.gguf`` file, or a
@@ -389,24 +390,27 @@ def load(
     ``matvec`` picks what computes batch-1 decode's one-row products on the CPU: "auto" (our
     AVX2 kernels where they can be built, see ``tracer.kernels``), "kernel" or "torch"
     (:func:`tracer.fast.use_kernels`); ``llm.load_trace.meta["matvec"]`` says which is in use.
-    ``quantized=True`` (a GGUF, on the CPU, in float32; "auto" means those) keeps each linear
-    layer stored in a block format of ``tracer.quant.TYPES`` as the file's bytes, multiplied on the
-    fly (:class:`tracer.quant.KeepQuantized`); ``llm.load_trace.meta["quantized"]`` says which
-    path each layer took.
+    ``quantized``: whether a GGUF's quantized layers (``tracer.quant.TYPES``) stay as the file's
+    blocks, multiplied by the CPU kernels (:class:`tracer.quant.KeepQuantized`), or are dequantized
+    at load as transformers does: "auto" keeps them on a CPU float32 load (:func:`keeps_blocks`),
+    True insists, False dequantizes. ``load_trace.meta["quantized"]`` says what each layer took.
     """
-    dev = pick_device("cpu" if quantized and str(device) == "auto" else device)
+    dev = pick_device("cpu" if quantized is True and str(device) == dtypes.AUTO else device)
     trace = Trace()
     # Resolution finds config.json, so it runs first; the trace still lists the config first.
     resolved = _resolve(trace, source, dev, revision=revision, token=token, gguf_file=gguf_file)
-    cfg, torch_dtype = _read_config(trace, resolved, dtypes.FLOAT32.name if quantized and dtype == dtypes.AUTO
+    keeps = keeps_blocks(quantized, resolved, dev, dtype)
+    # Quantized weights are small, so the float32 activations the kernels take fit even where
+    # pick_dtype would halve a dequantized 7B to float16.
+    cfg, torch_dtype = _read_config(trace, resolved, dtypes.FLOAT32.name if keeps and dtype == dtypes.AUTO
                                     else dtype, dev)
-    if quantized:
+    if keeps:
         _check_quantized(resolved, dev, torch_dtype)
     check_fits(cfg, dev, torch_dtype)
     # The tokenizer before the weights: a checkpoint without a usable one fails before any is read.
     tokenizer = _tokenizer(resolved, cfg)
     model = _build_model(cfg, dev, torch_dtype, matvec)
-    keep = quant.KeepQuantized(model) if quantized else None
+    keep = quant.KeepQuantized(model, kernel=fast.products(model) == "kernel") if keeps else None
     _load_shards(trace, model, resolved, progress, keep)
     if keep is not None:
         trace.meta["quantized"] = dict(keep.paths)
@@ -446,6 +450,18 @@ def _build_model(cfg: LlamaConfig, dev: torch.device, dtype: torch.dtype, matvec
     model.eval()
     fast.use_kernels(model, matvec)
     return model
+
+
+def keeps_blocks(quantized: bool | str, resolved: ResolvedCheckpoint, dev: torch.device, dtype) -> bool:
+    """Whether a load keeps the GGUF's quantized blocks (``quantized``: True, False or "auto";
+    "auto": a GGUF with layers in ``tracer.quant.TYPES``, on the CPU, in float32 or dtype 'auto')."""
+    if quantized is True or quantized is False:
+        return quantized
+    if quantized != quant.AUTO:
+        raise DeviceError(f"quantized={quantized!r} is not one of {quant.AUTO!r}, True or False")
+    if resolved.format != "gguf" or dev.type != "cpu" or dtypes.name_of(dtype) not in (dtypes.AUTO, dtypes.FLOAT32.name):
+        return False
+    return any(kind in quant.TYPES for kind in GGUFFile.open(resolved.weight_files[0]).type_counts())
 
 
 def _check_quantized(resolved: ResolvedCheckpoint, dev: torch.device, dtype: torch.dtype) -> None:

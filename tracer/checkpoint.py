@@ -234,7 +234,8 @@ def _kept(weights, name: str, param: str, keep, report: ShardReport) -> bool:
     stored = weights.stored_blocks(name) if hasattr(weights, "stored_blocks") else None
     if not keep(param, stored):
         return False
-    _account(report, weights.entries[name], stored.blocks, mapped=True, seconds=time.perf_counter() - t0, kept=True)
+    _account(report, weights.entries[name], stored.blocks, mapped=True, seconds=time.perf_counter() - t0,
+             kept=True, weights=stored.shape[0] * stored.shape[1])
     return True
 
 
@@ -259,7 +260,9 @@ def _check_index_agrees(resolved: ResolvedCheckpoint, path: Path, entries: dict)
 
 
 def _account(report: ShardReport, entry, dest: torch.Tensor, *, mapped: bool, seconds: float,
-             kept: bool = False) -> None:
+             kept: bool = False, weights: int | None = None) -> None:
+    """Count one loaded tensor into ``report``; ``weights``: the values it stands for (kept blocks:
+    not the bytes ``dest`` holds)."""
     in_memory = dest.numel() * dest.element_size()
     report.num_tensors += 1
     report.bytes_read += entry.nbytes
@@ -269,9 +272,10 @@ def _account(report: ShardReport, entry, dest: torch.Tensor, *, mapped: bool, se
     if entry.stored != runtime:
         key = f"{entry.stored}->{runtime}"
         report.casts[key] = report.casts.get(key, 0) + 1
-    row = report.by_type.setdefault(entry.stored, {"tensors": 0, "bytes_on_disk": 0, "bytes_in_memory": 0,
-                                                   "seconds": 0.0})
+    row = report.by_type.setdefault(entry.stored, {"tensors": 0, "weights": 0, "bytes_on_disk": 0,
+                                                   "bytes_in_memory": 0, "seconds": 0.0})
     row["tensors"] += 1
+    row["weights"] += dest.numel() if weights is None else weights
     row["bytes_on_disk"] += entry.nbytes
     row["bytes_in_memory"] += in_memory
     row["seconds"] += seconds
@@ -384,9 +388,13 @@ class StagedUpload:
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters under hub names."""
-    params = dict(model.named_parameters())
-    return {name: params[slot.param].detach() for name, slot in checkpoint_layout(model.config).items()}
+    """Our parameters under hub names (read through each module's ``weight``/``bias``, so a layer
+    a quantized load keeps in blocks, ``tracer.quant``, gives the weight its blocks stand for)."""
+    def tensor(param: str) -> torch.Tensor:
+        layer, _, leaf = param.rpartition(".")
+        return getattr(model.get_submodule(layer), leaf).detach()
+
+    return {name: tensor(slot.param) for name, slot in checkpoint_layout(model.config).items()}
 
 
 def save_pretrained(

@@ -22,6 +22,9 @@ WALKTHROUGH = dict(max_new_tokens=512, do_sample=True, temperature=0.7, top_p=0.
                    repetition_penalty=1.1)
 WALKTHROUGH_SYSTEM = "You are a helpful, respectful and honest assistant."
 
+# --quantized's words -> tracer.load(quantized=...).
+QUANTIZED_WORDS = {dtypes.AUTO: dtypes.AUTO, "yes": True, "no": False}  # tracer.quant.AUTO is dtypes.AUTO
+
 # The library's words for a setting, in its error messages -> the flag a CLI user types. Applied
 # in order to every error line the CLI prints (see in_cli_words).
 API_TO_FLAGS = (
@@ -35,6 +38,7 @@ API_TO_FLAGS = (
     (r"\bsystem=", "--system"),
     (r"\b(device|dtype|matvec)=('[\w:.]+'(?: or '[\w:.]+')*)", lambda m: f"--{m[1]} " + m[2].replace("'", "")),
     (r"\bgguf_file=NAME \(--gguf-file\)", "--gguf-file NAME"),
+    *((rf"\bquantized={value!r}", f"--quantized {word}") for word, value in QUANTIZED_WORDS.items()),
     (r"\btoken=\.\.\.", "--token TOKEN (or set HF_TOKEN)"),
 )
 
@@ -72,6 +76,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="hub token for gated repos (or set HF_TOKEN)")
     p.add_argument("--matvec", default="auto", choices=["auto", "kernel", "torch"],
                    help="one-row products of CPU decode: our AVX2 kernel (auto: where it builds) or torch's")
+    p.add_argument("--quantized", default=dtypes.AUTO, choices=list(QUANTIZED_WORDS),
+                   help="a GGUF's quantized layers: kept as the file's blocks (yes; auto: on a CPU float32 "
+                        "load) or dequantized at load as transformers does (no)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -162,7 +169,8 @@ def _load(args):
 
     return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                 token=args.token, gguf_file=args.gguf_file, progress=sys.stderr.isatty(),
-                compile=getattr(args, "compile", False), matvec=args.matvec)
+                compile=getattr(args, "compile", False), matvec=args.matvec,
+                quantized=QUANTIZED_WORDS[args.quantized])
 
 
 def _check_capture(args) -> None:

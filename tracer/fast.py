@@ -75,6 +75,7 @@ from .errors import DeviceError
 from .kernels import ops
 from .matvec import KernelLinear, KernelStacked, sharing
 from .model import KVCache, LlamaModel, Stacked
+from .quant import QuantLinear
 
 MATVEC_CHOICES = ("auto", "kernel", "torch")
 # Blocks one compiled graph spans at most (see the table above): 5 for SmolLM2's 30 layers, 4 for
@@ -154,6 +155,9 @@ def _swapped(module: nn.Module, lib: kernels.Library | None, rows: bool = True) 
     """``module`` on the kernels of ``lib`` (or on torch's products where ``lib`` is None); ``rows``:
     a 16-bit prompt's rows on the kernel too (:func:`rows_on_kernel`)."""
     kind = type(module)
+    if kind is QuantLinear:  # its blocks stay; only where its one-row products run changes
+        module.use_kernel = lib is not None and module.type_id in lib.quant_formats
+        return module
     if lib is not None and kind in (KernelLinear, KernelStacked):
         module.rows = rows
         return module
@@ -172,8 +176,10 @@ def _swapped(module: nn.Module, lib: kernels.Library | None, rows: bool = True) 
 
 def products(model: LlamaModel) -> str:
     """What computes ``model``'s products: "kernel" or "torch" (:func:`use_kernels` swaps all of
-    them together, lm_head with the rest)."""
-    return "kernel" if isinstance(model.lm_head, KernelLinear) else "torch"
+    them together, lm_head with the rest; a quantized lm_head says where its blocks' products run)."""
+    head = model.lm_head
+    on_kernel = head.use_kernel if isinstance(head, QuantLinear) else isinstance(head, KernelLinear)
+    return "kernel" if on_kernel else "torch"
 
 
 def prompt_products(model: LlamaModel) -> str:

@@ -383,13 +383,15 @@ class LlamaModel(nn.Module):
         # Every module's points, in the order tracer.hooks declares them (which checks they all exist).
         self.hooks = hooks.gather(self.modules(), cfg.num_hidden_layers)
 
+    # The runtime dtype and device are the final norm's: a float vector in every load, where the
+    # embedding table may be kept in another form (a quantized load's blocks, tracer.quant).
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.final_norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.final_norm.weight.device
 
     def output_weight(self) -> torch.Tensor:
         """The [V, D] matrix that turns a hidden state into logits (lm_head's, maybe the embedding)."""

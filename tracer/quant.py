@@ -25,11 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dtypes
 from .gguf_blocks import TYPES, BlockType, as_bytes, block_type, dequantize
 from .kernels import library, ops
 from .model import Stacked
 
-__all__ = ["TYPES", "BlockType", "EachLayer", "KeepQuantized", "QuantLinear", "as_bytes", "block_type", "dequantize"]
+__all__ = ["AUTO", "TYPES", "BlockType", "EachLayer", "KeepQuantized", "QuantEmbedding", "QuantLinear", "as_bytes", "block_type", "dequantize"]
+
+# tracer.load(quantized=...)'s default, the word device= and dtype= use for "the runtime's rule":
+# keep the blocks where the kernels can use them (a CPU float32 load of a GGUF with layers of
+# TYPES), dequantize elsewhere (tracer.api.keeps_blocks).
+AUTO = dtypes.AUTO
 
 # Weight rows dequantized at once for a prompt: a float32 tile of about this many bytes (it stays
 # in the cache while torch's matmul reads it once per tile).
@@ -38,6 +44,12 @@ TILE_BYTES = 1 << 22
 
 # ---------------------------------------------------------------------------------------------
 # The layer
+
+
+def kernel_decodes(type_id: int) -> bool:
+    """Whether the CPU kernels are built here and compute products from blocks of ``type_id``."""
+    lib = library()
+    return lib.available and type_id in lib.quant_formats
 
 
 class QuantLinear(nn.Module):
@@ -56,7 +68,7 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, blocks, kind: str | BlockType, out_features: int, in_features: int, *,
-                 order: torch.Tensor | None = None) -> None:
+                 order: torch.Tensor | None = None, use_kernel: bool = True) -> None:
         super().__init__()
         self.kind = block_type(kind)
         self.type_id = self.kind.type_id
@@ -72,7 +84,10 @@ class QuantLinear(nn.Module):
         if order is not None and tuple(order.shape) != (out_features,):
             raise ValueError(f"order has shape {tuple(order.shape)}, not ({out_features},)")
         self.register_buffer("order", None if order is None else order.to(torch.int64))
-        self.use_kernel = True  # False: always the torch path (a caller comparing the two)
+        # Whether one float32 CPU row goes to the kernel: asked for, and the library is built and
+        # decodes this type. Decided here, once: a compiled step must not trace the library's loading.
+        # False: always the torch path (matvec='torch', or a caller comparing the two).
+        self.use_kernel = use_kernel and kernel_decodes(self.type_id)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind.name}"
@@ -80,6 +95,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, W)`` with W the dequantized weight, in float32 (returned in x's dtype)."""
         if x.numel() == self.in_features and self._kernel_takes(x):
+            if torch.compiler.is_compiling():  # the compiled decode step: an operator opaque to the compiler
+                return self._ordered(torch.ops.llama_tracer.quant_matvec(x, self.blocks, self.type_id))
             return self._ordered(ops.quant_matvec(x, self.blocks, self.type_id))
         rows = x.reshape(-1, self.in_features).float()
         step = max(1, TILE_BYTES // (4 * self.in_features))
@@ -95,10 +112,15 @@ class QuantLinear(nn.Module):
         """Whether the kernel computes this product: one float32 CPU row, no gradient wanted."""
         if not (self.use_kernel and x.is_cpu and self.blocks.is_cpu and x.dtype is torch.float32):
             return False
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False
-        lib = library()
-        return lib.available and self.type_id in lib.quant_formats
+        return not (torch.is_grad_enabled() and x.requires_grad)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float32 [out_features, in_features] weight the blocks stand for, in the model's row
+        order: computed on each access (the layer keeps only the blocks), for inspecting a layer or
+        saving the model, never for its products."""
+        w = self.dequantized()
+        return w if self.order is None else w.index_select(0, self.order)
 
     def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Weight rows ``start:stop`` as float32 [rows, in_features] (the kernel's decoder where it
@@ -108,6 +130,44 @@ class QuantLinear(nn.Module):
         if lib is not None and lib.available and self.type_id in lib.quant_formats:
             return ops.dequantize(part, self.type_id, self.in_features)
         return dequantize(part, self.kind, (part.shape[0], self.in_features))
+
+
+class QuantEmbedding(nn.Module):
+    """``nn.Embedding`` whose [num_embeddings, embedding_dim] table stays in GGUF blocks: a lookup
+    dequantizes only the rows it takes (one row a decode step). A dequantized table would cost
+    four bytes a weight (Llama-2-7B's: 524 MB against 74 MB of Q4_K blocks), and a tied lm_head
+    multiplies by the same blocks (:class:`QuantLinear` over this layer's ``blocks``)."""
+
+    def __init__(self, blocks, kind: str | BlockType, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.kind = block_type(kind)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        row = self.kind.row_bytes(embedding_dim)
+        raw = as_bytes(blocks)
+        if raw.numel() != num_embeddings * row:
+            raise ValueError(f"a {num_embeddings} x {embedding_dim} {self.kind.name} table is "
+                             f"{num_embeddings * row} bytes, not {raw.numel()}")
+        self.register_buffer("blocks", raw.view(num_embeddings, row))
+        self.on_kernel = kernel_decodes(self.kind.type_id)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind.name}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 rows of ``ids`` [...]: [..., embedding_dim]."""
+        return self.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (1-D) of the table, dequantized: float32 [len(ids), embedding_dim]."""
+        part = self.blocks.index_select(0, ids.to(self.blocks.device))  # a few rows' bytes
+        if self.on_kernel and part.is_cpu:
+            return ops.dequantize(part, self.kind.type_id, self.embedding_dim)
+        return dequantize(part, self.kind, (part.shape[0], self.embedding_dim))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table as float32 (computed on each access: for inspecting, not for lookups)."""
+        return self.rows(torch.arange(self.num_embeddings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,15 +188,16 @@ class KeepQuantized:
 
     A linear layer without bias whose tensor is stored in one of :data:`TYPES` becomes a
     :class:`QuantLinear` over the file's bytes (the loader's view of the mapped file), its output
-    reordered where the file stores its rows permuted; every other tensor loads as it would anyway
-    (dequantized to the runtime dtype). The embedding is a lookup of whole rows, not a product, so
-    it is always dequantized, and a tied lm_head is that dequantized matrix. :attr:`paths` says,
-    for each linear layer and the embedding, which path it took ("quantized:Q4_1",
-    "dequantized:Q8_0", "tied:embed"): the load trace's meta ``"quantized"``.
+    reordered where the file stores its rows permuted, and an embedding so stored becomes a
+    :class:`QuantEmbedding` (its lookups dequantize the rows they take), with a tied lm_head a
+    QuantLinear over the same blocks; every other tensor loads as it would anyway (dequantized to
+    the runtime dtype). :attr:`paths` says, for each linear layer and the embedding, which path it
+    took ("quantized:Q4_1", "dequantized:F16", "tied:embed"): the load trace's meta ``"quantized"``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, kernel: bool = True) -> None:
         self.model = model
+        self.kernel = kernel  # QuantLinear.use_kernel: False where the load asked for torch's products
         self.modules = dict(model.named_modules())
         self.paths: dict[str, str] = {}
         if getattr(model.config, "tie_word_embeddings", False):
@@ -150,11 +211,18 @@ class KeepQuantized:
         if leaf != "weight" or not isinstance(module, (nn.Linear, nn.Embedding)):
             return False  # norms and biases: float vectors, loaded as they are
         kind = stored.type_name if stored is not None else "unmapped"
-        if stored is None or kind not in TYPES or not isinstance(module, nn.Linear) or module.bias is not None:
+        if stored is None or kind not in TYPES or getattr(module, "bias", None) is not None:
             self.paths[layer] = f"dequantized:{kind}"
             return False
         rows, columns = stored.shape
-        self._put(layer, QuantLinear(stored.blocks, kind, rows, columns, order=stored.row_order))
+        if isinstance(module, nn.Embedding):
+            table = QuantEmbedding(stored.blocks, kind, rows, columns)
+            self._put(layer, table)
+            if self.model.lm_head.weight is module.weight:  # tied: the output product reads the same blocks
+                self._put("lm_head", QuantLinear(table.blocks, kind, rows, columns, use_kernel=self.kernel))
+        else:
+            self._put(layer, QuantLinear(stored.blocks, kind, rows, columns, order=stored.row_order,
+                                         use_kernel=self.kernel))
         self.paths[layer] = f"quantized:{kind}"
         return True
 

@@ -267,7 +267,7 @@ class FullRecorder(LightRecorder):
         if opts.points:
             names = model.hooks.select(opts.points)
             shapes = point_shapes(model.config, seen.T, seen.start + seen.T)
-            need = sum(math.prod(shapes[n]) for n in names) * model.embed.weight.element_size()
+            need = sum(math.prod(shapes[n]) for n in names) * model.dtype.itemsize
             if self.captured_bytes + need > opts.budget_bytes:
                 raise TraceError(
                     f"capture budget exceeded: this step's {len(names)} hook point(s) need "

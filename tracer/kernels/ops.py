@@ -3,7 +3,7 @@
 :func:`matvec`, :func:`quant_matvec`, :func:`dequantize` and :func:`decode_attention` allocate
 the output and call the library. Eager code calls them directly (a Python call, no dispatcher).
 Inside a compiled graph they are the operators ``torch.ops.llama_tracer.matvec`` /
-``decode_attention``, which the compiler treats as opaque and fuses code around; :func:`register`
+``quant_matvec`` / ``decode_attention``, which the compiler treats as opaque and fuses code around; :func:`register`
 defines those, once, when a model first takes the kernels on (``tracer.fast.use_kernels``), not at
 import. Registered with the low-level ``torch.library`` API: ``torch.library.custom_op`` adds
 about 10 us of Python to each call, more than a small model's product takes.
@@ -62,7 +62,10 @@ def register() -> torch.library.Library:
     lib.impl("matvec", matvec, "CPU")
     lib.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor position, float scale) -> Tensor")
     lib.impl("decode_attention", decode_attention, "CPU")
+    lib.define("quant_matvec(Tensor x, Tensor blocks, int type_id) -> Tensor")
+    lib.impl("quant_matvec", _quant_matvec_op, "CPU")
     torch.library.register_fake("llama_tracer::matvec", _matvec_shape, lib=lib)
+    torch.library.register_fake("llama_tracer::quant_matvec", _quant_matvec_shape, lib=lib)
     torch.library.register_fake("llama_tracer::decode_attention", _attention_shape, lib=lib)
     return lib
 
@@ -70,6 +73,14 @@ def register() -> torch.library.Library:
 def _matvec_shape(x: torch.Tensor, w0: torch.Tensor, w1=None, w2=None) -> torch.Tensor:
     rows = sum(w.shape[0] for w in (w0, w1, w2) if w is not None)
     return x.new_empty(x.shape[:-1] + (rows,))
+
+
+def _quant_matvec_op(x: torch.Tensor, blocks: torch.Tensor, type_id: int) -> torch.Tensor:
+    return quant_matvec(x, blocks, type_id)
+
+
+def _quant_matvec_shape(x: torch.Tensor, blocks: torch.Tensor, type_id: int) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (blocks.shape[0],), dtype=torch.float32)
 
 
 def _attention_shape(q, k, v, position, scale):

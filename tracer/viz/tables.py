@@ -106,15 +106,17 @@ def _block(stored: str) -> str:
 
 def by_type_rows(event: LoadShardEvent) -> list[dict]:
     """Per stored type of one weight file ("Q4_1", "float16"...): tensors, weights, bytes on disk
-    and in memory, bits per weight on disk, seconds. What a quantized format means in bytes."""
+    and in memory (as the runtime dtype, or as the file's blocks where a quantized load kept them),
+    bits per weight on disk, seconds. What a quantized format means in bytes."""
     per = dtype_bytes(event.dtype)
     rows = []
     for stored, r in event.by_type.items():
-        weights = r["bytes_in_memory"] // per
+        weights = r.get("weights", r["bytes_in_memory"] // per)  # traces saved before "weights" was counted
         rows.append({"stored type": stored, "block": _block(stored), "tensors": r["tensors"],
                      "weights": f"{weights:,}", "MB on disk": r["bytes_on_disk"] / 1e6,
                      "bits per weight on disk": 8 * r["bytes_on_disk"] / max(weights, 1),
-                     f"MB in memory ({event.dtype})": r["bytes_in_memory"] / 1e6,
+                     "in memory as": f"{stored} blocks" if r.get("kept_quantized") else event.dtype,
+                     "MB in memory": r["bytes_in_memory"] / 1e6,
                      "memory / disk": f"{r['bytes_in_memory'] / max(r['bytes_on_disk'], 1):.2f}x",
                      "seconds": r["seconds"]})
     return rows
