@@ -57,6 +57,36 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_
               "Q5_1": "MOSTLY_Q5_1", "Q5_0": "MOSTLY_Q5_0", "Q4_1": "MOSTLY_Q4_1", "Q4_0": "MOSTLY_Q4_0"}
 
 
+# Block types gguf.quants cannot make (it only dequantizes them): written as random blocks with sane
+# scales (random_blocks), for files that are read for their speed and memory, not their answers.
+RANDOM_BLOCK_TYPES = ("Q4_K", "Q6_K")
+
+# llama.cpp's mixed file types written here (random blocks) -> general.file_type. Which tensor takes
+# which type is tracer.requant.tensor_types (llama-quant.cpp's rule, declared once there).
+MIXES = {"Q4_K_M": "MOSTLY_Q4_K_M"}
+
+
+def random_blocks(qtype: str, shape: tuple[int, int], seed: list[int], std: float = 0.02) -> np.ndarray:
+    """Random ``qtype`` blocks for a [rows, cols] matrix: random codes and sub-block scales, with the
+    float16 super-block scales set so that the values have a standard deviation near ``std``."""
+    import gguf
+
+    rows, cols = shape
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = np.random.default_rng(seed).integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    if qtype == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit codes
+        # value = d * scale * q - dmin * min, scale and min ~ U(0, 63), q ~ U(0, 15): dmin = 7.5 d centres it.
+        d = std / (31.5 * 4.6 * 1.15)
+        raw[..., 0:2] = np.frombuffer(np.float16(d).tobytes(), np.uint8)
+        raw[..., 2:4] = np.frombuffer(np.float16(7.5 * d).tobytes(), np.uint8)
+    elif qtype == "Q6_K":  # 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, d
+        d = std / (74.0 * 18.5)  # value = d * scale * (q - 32), scale ~ U(-128, 127), q ~ U(0, 63)
+        raw[..., 208:210] = np.frombuffer(np.float16(d).tobytes(), np.uint8)
+    else:
+        raise ValueError(f"no random blocks for {qtype!r}; these are: {', '.join(RANDOM_BLOCK_TYPES)}")
+    return raw.reshape(rows, -1)
+
+
 def rope_pairs_to_neighbours(w: np.ndarray, heads: int) -> np.ndarray:
     """Re-order a q/k projection's rows from HF's half-split RoPE layout to llama.cpp's interleaved
     one (llama.cpp's converter permutes q/k rows this way; transformers' reader undoes it)."""
@@ -214,14 +244,15 @@ def encode(t: PlannedTensor, data: np.ndarray) -> np.ndarray:
 
 def open_writer(tmp: Path, cfg: LlamaConfig, plan: list[PlannedTensor], *, qtype: str, name: str,
                 tokenizer: Mapping[str, Any] | None, architecture: str) -> gguf.GGUFWriter:
-    """A GGUFWriter with header, metadata and tensor table written; its file sits at the data."""
+    """A GGUFWriter with header, metadata and tensor table written; its file sits at the data.
+    ``qtype``: a matrix type or a mix (MIXES), for general.file_type."""
     import gguf
 
     w = gguf.GGUFWriter(str(tmp), architecture)
     w.add_type("model")
     w.add_name(name)
     add_hparams(w, cfg)
-    w.add_file_type(gguf.LlamaFileType[FILE_TYPES[qtype]])
+    w.add_file_type(gguf.LlamaFileType[{**FILE_TYPES, **MIXES}[qtype]])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in (tokenizer or {}).items():
         add_metadata(w, key, value)
@@ -330,3 +361,35 @@ def write_random_gguf(path: str | os.PathLike, cfg: LlamaConfig, *, qtype: str =
     tie = cfg.tie_word_embeddings
     return write_llama_gguf(path, cfg, random_tensors(cfg, seed=seed, std=std, tie=tie), qtype=qtype,
                             embed_qtype=embed_qtype, tie=tie, tokenizer=tokenizer, name=name)
+
+
+def write_random_mixed_gguf(path: str | os.PathLike, cfg: LlamaConfig, *, mix: str = "Q4_K_M", seed: int = 0,
+                            std: float = 0.02, tokenizer: Mapping[str, Any] | None = None,
+                            name: str = "random-llama") -> Path:
+    """A GGUF in llama.cpp's ``mix`` (e.g. Q4_K_M) with random blocks (:func:`random_blocks`; norms
+    1.0), tensor by tensor, written under a temporary name and renamed at the end."""
+    if mix not in MIXES:
+        raise ValueError(f"mix {mix!r} is not written here; choose one of {', '.join(MIXES)}")
+    from tracer.requant import tensor_types
+
+    path, types = Path(path), tensor_types(cfg, mix)
+    plan = [dataclasses.replace(t, qtype_name=types[t.name]) if len(t.shape) == 2 else t
+            for t in tensor_plan(cfg, "F32", tie=cfg.tie_word_embeddings)]
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with contextlib.closing(open_writer(tmp, cfg, plan, qtype=mix, name=name, tokenizer=tokenizer,
+                                            architecture="llama")) as w:
+            fout = w.fout[0]
+            w.write_padding(fout, fout.tell())
+            start, offsets = fout.tell(), data_offsets(plan, w.data_alignment)
+            for i, t in enumerate(plan):
+                data = (random_blocks(t.qtype_name, t.shape, [seed, i], std) if len(t.shape) == 2
+                        else rope_divisors(cfg) if t.hf_name is None else np.ones(t.shape, np.float32))
+                fout.seek(start + offsets[t.name])
+                data.tofile(fout)
+                w.write_padding(fout, data.nbytes)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

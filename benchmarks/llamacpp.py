@@ -87,17 +87,21 @@ class LlamaCppRunner:
         self.n_vocab = self.llm.n_vocab()
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
-        """``n`` new tokens, each the argmax of the last position's logits (no sampler chain)."""
+        """``n`` new tokens, each the argmax of the last position's logits (no sampler chain).
+        :attr:`decode_seconds`: the time after the first new token (the decode steps alone)."""
         self.llm.reset()
         self.llm.eval(prompt)
         out: list[int] = []
         for i in range(n):
+            if i == 1:
+                started = time.perf_counter()
             # The last position's logits, read in place (Llama keeps no copy unless logits_all).
             logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
             token = int(np.argmax(logits))
             out.append(token)
             if i + 1 < n:
                 self.llm.eval([token])
+        self.decode_seconds = time.perf_counter() - started if n > 1 else 0.0
         return out
 
 

@@ -1,4 +1,5 @@
-"""The real model's GGUF loaded two ways: dequantized to float32 (the default) and kept quantized.
+"""The real model's GGUF loaded two ways: dequantized to float32 (quantized=False, as transformers)
+and kept in blocks (the default on the CPU).
 
     python -m benchmarks.quant_load [--tokens 64] [--repeats 3] [--out results.json]
 

@@ -52,6 +52,7 @@ READING_ORDER = (
     "04_prefill_and_attention.ipynb",
     "05_step_by_step.ipynb",
     "06_trace_explorer.ipynb",
+    "07_quantization.ipynb",
 )
 ARTIFACTS = Path(os.environ.get("TRACER_ARTIFACTS", REPO_ROOT / "artifacts"))
 CHROMIUM = Path(os.environ.get("TRACER_CHROMIUM", "/usr/bin/chromium"))

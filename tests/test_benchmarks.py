@@ -228,3 +228,39 @@ def test_quant_load_small_run_writes_results(tmp_path):
     for key in ("load_seconds_quantized_over_float32", "rss_quantized_over_float32", "decode_quantized_over_float32"):
         assert r["ratios"][key] > 0
     assert r["ratios"]["rss_quantized_over_float32"] < 1  # the blocks stay in the mapped file
+
+
+def test_a_random_q4_k_m_file_follows_llama_cpp_s_mix_and_loads_with_sane_values(tmp_path):
+    """benchmarks.gguf_writer writes Q4_K_M as random K blocks: each tensor in the type
+    tracer.requant.tensor_types gives it, values finite with a spread near the asked std, and our
+    quantized load computes what the dequantized load computes."""
+    import dataclasses
+
+    import gguf
+    import numpy as np
+    import torch
+
+    import tracer
+    from benchmarks.gguf_load import standin_vocabulary
+    from benchmarks.gguf_writer import write_random_mixed_gguf
+    from benchmarks.speed import SHAPES
+    from tracer.requant import tensor_types
+
+    cfg = dataclasses.replace(SHAPES["llama2-7b"], hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                              num_attention_heads=4, num_key_value_heads=4, vocab_size=600)
+    path = write_random_mixed_gguf(tmp_path / "mix.gguf", cfg, tokenizer=standin_vocabulary(600), std=0.02)
+    reader = gguf.GGUFReader(str(path))
+    types = tensor_types(cfg, "Q4_K_M")
+    assert {t.name: t.tensor_type.name for t in reader.tensors} == types
+    assert {"Q4_K", "Q6_K"} <= set(types.values())
+    for t in reader.tensors:
+        if t.tensor_type.name in ("Q4_K", "Q6_K"):
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            assert np.isfinite(values).all() and 0.01 < values.std() < 0.04, (t.name, values.std())
+    q, d = (tracer.load(path, device="cpu", progress=False, quantized=k) for k in (True, False))
+    ids = list(range(5, 30))
+    torch.testing.assert_close(q.logits(ids), d.logits(ids), atol=1e-4, rtol=1e-4)
+    assert q.load_trace.meta["quantized"]["lm_head"] == "quantized:Q6_K"
+    with pytest.raises(ValueError, match="mix 'Q5_K_M' is not written here"):
+        write_random_mixed_gguf(tmp_path / "other.gguf", cfg, mix="Q5_K_M")
+    assert not list(tmp_path.glob("*.partial"))

@@ -21,7 +21,7 @@ LAYERS = [
     {"resolution", "gguf_file", "tokenizer"},
     {"checkpoint", "gguf_tokenizer", "model"},
     {"trace"},  # events are built from the reports they describe (checkpoint's ShardReport)
-    {"kernels", "matvec", "attend", "quant", "fast"},
+    {"kernels", "matvec", "attend", "quant", "requant", "fast"},
     {"recorders", "generate"},
     {"api"},
     {"cli", "walkthrough", "viz", "__init__", "__main__"},

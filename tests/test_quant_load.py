@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tracer
@@ -24,7 +25,14 @@ from tracer import api
 from tracer.catalog import CATALOG, offline_gguf
 from tracer.errors import CheckpointError, DeviceError
 from tracer.gguf_file import GGUFFile, hub_name
-from tracer.quant import EachLayer, QuantEmbedding, QuantLinear
+from tracer.quant import (
+    KERNEL_ROWS,
+    EachLayer,
+    QuantEmbedding,
+    QuantLinear,
+    dequantize,
+    kernel_decodes,
+)
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
@@ -220,9 +228,14 @@ def test_the_layer_s_order_reorders_its_output_features_on_both_paths():
     raw = torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0))
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(1))
     plain, ordered = QuantLinear(raw, "Q8_0", rows, columns), QuantLinear(raw, "Q8_0", rows, columns, order=order)
-    for x in (torch.randn(1, 1, columns), torch.randn(2, 3, columns)):
+    # One row (the kernel), a short prompt (the kernel, row by row), a long one (dequantized tiles).
+    for x in (torch.randn(1, 1, columns), torch.randn(2, 3, columns), torch.randn(3, KERNEL_ROWS, columns)):
         with torch.inference_mode():
             assert torch.equal(ordered(x), plain(x)[..., order])
+            plain.use_kernel = False  # the torch path computes the same, within float32 summation order
+            torch.testing.assert_close(plain(x), F.linear(x, dequantize(raw, "Q8_0", (rows, columns))),
+                                       atol=1e-5, rtol=1e-5)
+            plain.use_kernel = kernel_decodes(plain.type_id)
     with pytest.raises(ValueError, match=r"order has shape \(11,\), not \(12,\)"):
         QuantLinear(raw, "Q8_0", rows, columns, order=order[:11])
 

@@ -477,7 +477,7 @@ def _check_quantized(resolved: ResolvedCheckpoint, dev: torch.device, dtype: tor
 def _load_shards(trace: Trace, model: LlamaModel, resolved: ResolvedCheckpoint, progress: bool, keep=None) -> None:
     """Stage 3: the weights, file by file (one ``load_shard`` event each, from the loader's report);
     ``keep``: a quantized load's :class:`tracer.quant.KeepQuantized`."""
-    with _progress(resolved, model.config, progress) as tick:
+    with _progress(resolved, model.config, progress, kept=keep is not None) as tick:
         for report in load_weights(model, resolved, on_tensor=tick, keep=keep):
             trace.add(LoadShardEvent.from_report(report, memory=memory_snapshot(model.device)))
 
@@ -499,16 +499,18 @@ def _tokenizer(resolved: ResolvedCheckpoint, cfg: LlamaConfig) -> Tokenizer:
 
 
 @contextmanager
-def _progress(resolved: ResolvedCheckpoint, cfg: LlamaConfig, enabled: bool):
+def _progress(resolved: ResolvedCheckpoint, cfg: LlamaConfig, enabled: bool, kept: bool = False):
     """A tqdm bar over the load, as transformers shows one: per shard for safetensors, per tensor
-    for a GGUF (one file, whose tensors are dequantized one by one). Yields the per-tensor tick."""
+    for a GGUF (one file, whose tensors are dequantized, or ``kept`` as blocks, one by one). Yields the
+    per-tensor tick."""
     if not enabled:
         yield None
         return
     from tqdm.auto import tqdm
 
     if resolved.format == "gguf":
-        bar = tqdm(total=len(checkpoint_layout(cfg)), desc="Dequantizing GGUF tensors", unit="tensor")
+        bar = tqdm(total=len(checkpoint_layout(cfg)), unit="tensor",
+                   desc="Mapping GGUF tensors (quantized blocks kept)" if kept else "Dequantizing GGUF tensors")
         tick = bar.update
     else:
         bar = tqdm(total=len(resolved.weight_files), desc="Loading checkpoint shards", unit="shard")

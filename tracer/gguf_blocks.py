@@ -6,9 +6,10 @@ runtime decodes itself (those of a Q4_K_M file and of the real SmolLM2 file); :f
 is the reference decoder, in torch, with the same float32 arithmetic as the gguf library's numpy
 code (llama.cpp's own Python), so that its values equal gguf's bit for bit.
 
-Two modules use it: ``tracer.gguf_file`` dequantizes a tensor at load with it, and
+Three modules use it: ``tracer.gguf_file`` dequantizes a tensor at load with it,
 ``tracer.quant`` keeps a tensor's blocks as they are and multiplies by them (``kernels/quant.c``
-reports the same formats; the tests hold the two declarations equal).
+reports the same formats; the tests hold the two declarations equal), and ``tracer.requant``
+takes a 32-weight block apart through its declared layout (:class:`ScaledCodes`).
 """
 
 from __future__ import annotations
@@ -37,19 +38,68 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
-def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    """Q8_0, 34 bytes per 32 weights: a float16 scale d, then 32 int8 codes q; w = d * q."""
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * _f16(blocks, 0)
+@dataclass(frozen=True)
+class ScaledCodes:
+    """The layout of a 32-weight block (Q8_0, Q4_0, Q4_1), and its decoder: a float16 scale d at
+    byte 0, a float16 minimum m at byte 2 where the format has one, then one integer code q per
+    weight; w = d * (q - zero) + m.
+
+    Declared once here: the decoder below reads the block through these fields, and
+    ``tracer.requant`` takes a block apart through them (notebook 07).
+    """
+
+    bits: int  # 8: one byte per code; 4: two codes per byte (see _nibbles for their order)
+    signed: bool = False  # codes stored as int8 (Q8_0) rather than unsigned
+    zero: int = 0  # the code that stands for 0: Q4_0 stores q + 8 in four unsigned bits
+    minimum: bool = False  # a float16 minimum after the scale: w = d * q + m (Q4_1)
+
+    @property
+    def halves(self) -> tuple[int, ...]:
+        """Byte offsets of the float16 fields: the scale, then the minimum where there is one."""
+        return (0, 2) if self.minimum else (0,)
+
+    @property
+    def codes_at(self) -> int:
+        """Byte offset of the first code: right after the float16 fields."""
+        return 2 * len(self.halves)
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The smallest and largest code the bits can hold."""
+        return (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.signed else (0, (1 << self.bits) - 1)
+
+    def d(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[n, bytes] uint8 blocks -> their scales, float32 [n, 1]."""
+        return _f16(blocks, self.halves[0])
+
+    def m(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[n, bytes] uint8 blocks -> their minimums, float32 [n, 1] (a format that has them)."""
+        if not self.minimum:
+            raise ValueError("this block format has no minimum")
+        return _f16(blocks, self.halves[1])
+
+    def codes(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[n, bytes] uint8 blocks -> their codes [n, 32] in weight order (int8 or uint8)."""
+        raw = blocks[:, self.codes_at :]
+        if self.bits == 4:
+            return _nibbles(raw)
+        return raw.contiguous().view(torch.int8) if self.signed else raw
+
+    def __call__(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The decoder: [n, bytes] uint8 -> [n, 32] float32, in gguf-py's operations and order."""
+        q = self.codes(blocks)
+        if self.zero:
+            q = q.to(torch.int16) - self.zero
+        w = self.d(blocks) * q.float()
+        return w + self.m(blocks) if self.minimum else w
 
 
-def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    """Q4_0, 18 bytes per 32 weights: a float16 scale d, 32 4-bit codes q; w = d * (q - 8)."""
-    return _f16(blocks, 0) * (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).float()
-
-
-def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    """Q4_1, 20 bytes per 32 weights: float16 scale d and minimum m, 32 4-bit codes; w = d * q + m."""
-    return _f16(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _f16(blocks, 2)
+# Q8_0, 34 bytes per 32 weights: d, then 32 int8 codes; w = d * q.
+_q8_0 = ScaledCodes(bits=8, signed=True)
+# Q4_0, 18 bytes per 32 weights: d, then 32 4-bit codes; w = d * (q - 8).
+_q4_0 = ScaledCodes(bits=4, zero=8)
+# Q4_1, 20 bytes per 32 weights: d and m, then 32 4-bit codes; w = d * q + m.
+_q4_1 = ScaledCodes(bits=4, minimum=True)
 
 
 def _q4_K_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +166,9 @@ class BlockType:
 TYPES: dict[str, BlockType] = {
     t.name: t
     for t in (
-        BlockType("Q8_0", 32, 34, (0,), _q8_0),
-        BlockType("Q4_0", 32, 18, (0,), _q4_0),
-        BlockType("Q4_1", 32, 20, (0, 2), _q4_1),
+        BlockType("Q8_0", 32, 34, _q8_0.halves, _q8_0),
+        BlockType("Q4_0", 32, 18, _q4_0.halves, _q4_0),
+        BlockType("Q4_1", 32, 20, _q4_1.halves, _q4_1),
         BlockType("Q4_K", 256, 144, (0, 2), _q4_K),
         BlockType("Q6_K", 256, 210, (208,), _q6_K),
     )
