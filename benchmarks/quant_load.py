@@ -5,7 +5,7 @@ and kept in blocks (the default on the CPU).
 
 Each way runs in its own fresh process (so memory and load time are not shared): load seconds,
 resident memory after the load above the process's baseline (/proc/self/statm), and greedy decode
-tokens/s with capture off (median of repeats). The two processes run one after the other, twice
+tokens/s with capture off (the steps after the prefill and first token; median of repeats). The two processes run one after the other, twice
 in alternation, and the JSON keeps every run; compare only the ratios of one run, on one machine.
 """
 
@@ -21,7 +21,7 @@ import time
 
 from .machine import cpu_model
 
-PROMPT = "The capital of France is"
+PROMPT = "Write a short story about a robot who learns to paint."  # a chat turn with a long answer
 
 
 def rss_bytes() -> int:
@@ -40,15 +40,19 @@ def child(quantized: bool, tokens: int, repeats: int) -> dict:
     llm = tracer.load("smollm2", quantized=quantized, device="cpu", progress=False)
     load_s = time.perf_counter() - t0
     rss = rss_bytes() - base
-    llm.generate(PROMPT, max_new_tokens=4, do_sample=False, capture="off")  # warm-up
+    llm.generate(PROMPT, chat=True, max_new_tokens=4, do_sample=False, capture="off")  # warm-up
     rates = []
     for _ in range(repeats):
+        # The decode steps alone: timed after the prefill and the first new token.
+        dec = llm.decoder(PROMPT, chat=True, max_new_tokens=tokens + 1, do_sample=False, capture="off")
+        dec.step()
         t = time.perf_counter()
-        gen = llm.generate(PROMPT, max_new_tokens=tokens, do_sample=False, capture="off")
-        rates.append(len(gen.new_ids) / (time.perf_counter() - t))
+        steps = len(dec.run(tokens))
+        rates.append(steps / (time.perf_counter() - t))
+    gen = llm.finish(dec)
     return {"quantized": quantized, "load_seconds": load_s, "rss_above_baseline_bytes": rss,
             "decode_tokens_per_s": statistics.median(rates), "decode_tokens_per_s_all": rates,
-            "threads": torch.get_num_threads(), "text": gen.text}
+            "decode_steps": steps, "threads": torch.get_num_threads(), "text": gen.text}
 
 
 def run_child(quantized: bool, tokens: int, repeats: int) -> dict:
