@@ -141,3 +141,16 @@ def test_cli_quantized_flag_picks_the_load(word, capsys):
     r = subprocess.run([sys.executable, "-m", "tracer", "generate", "--model", "smollm2", "--prompt", "x",
                         "--quantized", "yes", "--dtype", "float16"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--quantized yes" in r.stderr
+
+
+def test_cli_info_says_what_the_gguf_stores(capsys, path):
+    """`info` on a GGUF lists its stored types and bytes (what a CPU load keeps), summing to the
+    tensors' bytes: the file less its header."""
+    from tracer.cli import main
+
+    assert main(["info", "--model", "smollm2"]) == 0
+    stored = json.loads(capsys.readouterr().out)["stored"]
+    assert {k: v["tensors"] for k, v in stored.items()} == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert stored["Q4_1"]["bytes"] * 32 == 20 * sum(
+        r * c for r, c in [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]) * 30
+    assert 0 < path.stat().st_size - sum(v["bytes"] for v in stored.values()) < 2_500_000

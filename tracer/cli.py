@@ -205,8 +205,12 @@ def run(args) -> int:
     """Execute a parsed command; returns the exit status."""
     if args.command == "info":
         resolved, cfg = _read_config(args)
-        print(json.dumps({"resolve": resolved.summary(), "config": cfg.summary(),
-                          "memory": cfg.memory_table()}, indent=2, default=str))
+        info = {"resolve": resolved.summary(), "config": cfg.summary(), "memory": cfg.memory_table()}
+        if resolved.format == "gguf":  # what the file holds: a CPU load keeps its quantized blocks
+            from .gguf_file import GGUFFile
+
+            info["stored"] = GGUFFile.open(resolved.weight_files[0]).stored()
+        print(json.dumps(info, indent=2, default=str))
         return 0
     kw = _generation_kwargs(args)  # contradictory flags fail before the load
     if args.command == "trace":

@@ -296,6 +296,15 @@ class GGUFFile:
             counts[t.type_name] = counts.get(t.type_name, 0) + 1
         return counts
 
+    def stored(self) -> dict[str, dict[str, int]]:
+        """Per ggml type: its tensors and their bytes in the file (what a quantized load keeps)."""
+        out: dict[str, dict[str, int]] = {}
+        for t in self.tensors.values():
+            row = out.setdefault(t.type_name, {"tensors": 0, "bytes": 0})
+            row["tensors"] += 1
+            row["bytes"] += t.nbytes
+        return out
+
     def float_dtype(self) -> str:
         """The 16/32-bit type the file's weights stand for: bfloat16 if any tensor is BF16, float32
         if every tensor is F32, else float16 (block scales are float16 in every llama.cpp type)."""
