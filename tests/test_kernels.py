@@ -88,11 +88,13 @@ def test_a_failing_build_leaves_no_file_and_says_why(monkeypatch, tmp_path):
 def test_build_goes_to_the_cache_dir_once(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = build.load()
-    built = list((tmp_path / "llama-tracer").glob("kernels-*.so"))
-    assert first.available and built == [first.path]
-    mtime = first.path.stat().st_mtime_ns
+    built = sorted((tmp_path / "llama-tracer").glob("kernels-*.so"))
+    assert first.available and built == sorted([first.path, first.quant_lib])  # the core and quant.c's
+    assert first.path.name.startswith("kernels-core-") and first.quant_lib.name.startswith("kernels-quant-")
+    mtimes = [p.stat().st_mtime_ns for p in built]
     again = build.load()
-    assert again.path == first.path and first.path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert (again.path, again.quant_lib) == (first.path, first.quant_lib)
+    assert [p.stat().st_mtime_ns for p in built] == mtimes  # reused, not rebuilt
     assert not list((tmp_path / "llama-tracer").glob("tmp*"))  # no temporary left over
 
 
@@ -108,6 +110,34 @@ def test_a_library_that_will_not_load_means_no_kernel(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
     k = build.load()
     assert not k.available and str(damaged) in k.reason and "delete it" in k.reason
+
+
+@needs_kernel
+def test_a_compiler_that_cannot_build_quant_c_still_gives_the_core_kernels(monkeypatch, tmp_path):
+    """The libraries build apart: a compiler failing on quant.c alone leaves the 16/32-bit
+    products and attention on the kernel, and quantized layers on torch's path, with the reason."""
+    cc = _script(tmp_path / "pickycc", """\
+        [ "$1" = --version ] && exec cc --version
+        for a in "$@"; do case "$a" in *quant.c) echo "quant.c: no AVX-512 here" >&2; exit 1;; esac; done
+        exec cc "$@"
+    """)
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    k = build.load()
+    assert k.available and k.limits is not None and k.quant_lib is None and k.quant_formats == {}
+    assert "quant.c" in k.quant_reason and "no AVX-512 here" in k.quant_reason
+    x, w = torch.randn(64), torch.randn(8, 64)
+    torch.testing.assert_close(k.run(x, w, torch.empty(8)), w @ x, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr("tracer.kernels.library", lambda: k)
+    monkeypatch.setattr("tracer.quant.library", lambda: k)
+    import gguf
+
+    from tracer.quant import QuantLinear
+    raw = torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0))
+    layer = QuantLinear(raw, "Q8_0", 8, 64)
+    assert not layer.use_kernel  # no quantized kernel: the torch path, which still computes
+    torch.testing.assert_close(layer(x.view(1, 1, 64)).view(8), w @ x, atol=0.05, rtol=0.05)
+    assert list((tmp_path / "cache" / "llama-tracer").glob("kernels-quant-*")) == []
 
 
 @needs_machine
@@ -147,7 +177,7 @@ def test_two_processes_building_at_once_compile_once(tmp_path):
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     assert [out.split()[0] for out, _ in outs] == ["True", "True"], outs
     assert len({out.split()[1] for out, _ in outs}) == 1  # the same library
-    assert len(log.read_text().splitlines()) == 1
+    assert len(log.read_text().splitlines()) == len(build.PARTS)  # each part compiled once, by one of them
 
 
 # --- When it is built ----------------------------------------------------------------------------

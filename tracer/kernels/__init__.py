@@ -1,4 +1,5 @@
-"""The CPU kernels: C sources built, at first use, into one library that torch code calls.
+"""The CPU kernels: C sources built, at first use, into two libraries that torch code calls
+(the core products and attention; quant.c apart, so that either failing to build spares the other).
 
 - ``matvec.c``: one-row matrix products (batch-1 decode) and a few rows at once (16-bit prompts)
 - ``attend.c``: one decode token's attention over the KV cache's written slots

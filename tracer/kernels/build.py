@@ -1,9 +1,14 @@
-"""Building the kernels: one shared library from ``kernels/*.c``, compiled once per source and compiler.
+"""Building the kernels: shared libraries from ``kernels/*.c``, compiled once per source and compiler.
 
-The system C compiler (``$CC``, else ``cc``) builds ``matvec.c``, ``attend.c`` and ``quant.c`` into
-``$XDG_CACHE_HOME/llama-tracer/kernels-<key>.so``, the key a hash of the sources, the flags and the
-compiler's ``--version``; no torch headers are needed. Three things make that safe to run from
-anywhere, any number of times:
+The system C compiler (``$CC``, else ``cc``) builds two libraries (:data:`PARTS`): ``matvec.c`` and
+``attend.c`` (the 16/32-bit products and attention) into
+``$XDG_CACHE_HOME/llama-tracer/kernels-core-<key>.so``, and ``quant.c`` (GGUF's blocks) into
+``kernels-quant-<key>.so``, each key a hash of its sources, the flags and the compiler's
+``--version``; no torch headers are needed. Apart, so that a compiler that cannot build one (an
+old one without the AVX-512 intrinsics ``quant.c`` uses, say) takes only that part's functions
+down: without the core there is no kernel; without quant, quantized layers use torch's path
+(``Library.quant_reason`` says why). Three things make a build safe to run from anywhere, any
+number of times:
 
 - every compiler call has a time limit (a compiler that hangs means "no kernel", not a hung load);
 - the build holds a lock on the cache folder, so two processes (two notebooks) starting at once
@@ -36,7 +41,8 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "matvec.c", _HERE / "attend.c", _HERE / "quant.c")
+PARTS = {"core": (_HERE / "matvec.c", _HERE / "attend.c"), "quant": (_HERE / "quant.c",)}
+SOURCES = tuple(src for sources in PARTS.values() for src in sources)
 HEADERS = (_HERE / "widen.h",)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 # Seconds a compiler may take to say its version, and to build the library (about a second here).
@@ -75,13 +81,19 @@ def library() -> Library:
 
 
 def load() -> Library:
-    """Build the library (unless this source and compiler were built before) and load it; never raises."""
+    """Build the libraries (unless these sources and compiler were built before) and load them;
+    never raises."""
+    cc = os.environ.get("CC", "cc")
     try:
         _check_machine()
-        path = _built(os.environ.get("CC", "cc"))
+        version = run_compiler([cc, "--version"], f"no C compiler: '{cc} --version'", VERSION_TIMEOUT)
+        core = _built(cc, version, "core")
     except Unavailable as e:
         return Library(None, str(e))
-    return Library.open(path)
+    try:
+        return Library.open(core, _built(cc, version, "quant"))
+    except Unavailable as e:
+        return Library.open(core, None, quant_reason=str(e))
 
 
 def _check_machine() -> None:
@@ -92,19 +104,18 @@ def _check_machine() -> None:
         raise Unavailable(f"the kernel needs AVX2; torch reports CPU capability {capability}")
 
 
-def _built(cc: str) -> Path:
-    """The library's path, compiled first if no process has compiled it yet."""
-    version = run_compiler([cc, "--version"], f"no C compiler: '{cc} --version'", VERSION_TIMEOUT)
-    sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
+def _built(cc: str, version: str, part: str) -> Path:
+    """Library ``part``'s path (:data:`PARTS`), compiled first if no process has compiled it yet."""
+    sources = b"".join(src.read_bytes() for src in PARTS[part] + HEADERS)
     key = hashlib.sha256(sources + " ".join(FLAGS).encode() + version.encode()).hexdigest()
-    path = cache_dir() / f"kernels-{key[:16]}.so"
+    path = cache_dir() / f"kernels-{part}-{key[:16]}.so"
     if path.exists():
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path.parent):
             if not path.exists():  # another process may have built it while this one waited
-                _compile(cc, path)
+                _compile(cc, path, PARTS[part])
     except OSError as e:
         raise Unavailable(f"could not build the kernel into {path.parent}: {e}") from None
     return path
@@ -124,13 +135,13 @@ def _locked(folder: Path):
         os.close(fd)  # closing releases the lock
 
 
-def _compile(cc: str, path: Path) -> None:
-    """Compile into a temporary file in ``path``'s folder, then rename it into place (atomic)."""
+def _compile(cc: str, path: Path, sources: tuple[Path, ...]) -> None:
+    """Compile ``sources`` into a temporary file in ``path``'s folder, then rename it into place (atomic)."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        what = f"building {', '.join(src.name for src in SOURCES)} with {cc}"
-        run_compiler([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], what, BUILD_TIMEOUT)
+        what = f"building {', '.join(src.name for src in sources)} with {cc}"
+        run_compiler([cc, *FLAGS, *map(str, sources), "-o", tmp], what, BUILD_TIMEOUT)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

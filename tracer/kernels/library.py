@@ -89,10 +89,14 @@ _QUANT_SIGNATURES = {
 
 
 class Library:
-    """The loaded library (:meth:`open`), or why there is none (``Library(None, reason)``)."""
+    """The loaded libraries (:meth:`open`), or why there are none (``Library(None, reason)``).
+    ``path``: the core library (products, attention); ``quant_lib``: quant.c's, or None with
+    ``quant_reason`` saying why (then ``quant_formats`` is empty: quantized layers use torch)."""
 
     def __init__(self, path: Path | None, reason: str = "") -> None:
         self.path, self.reason = path, reason
+        self.quant_lib: Path | None = None
+        self.quant_reason = reason
         self.limits: Limits | None = None
         self._fns: dict[str, dict[torch.dtype, ctypes._CFuncPtr]] = {}
         self.quant_formats: dict[int, QuantFormat] = {}  # by ggml type id (quant.c's quant_format)
@@ -104,21 +108,33 @@ class Library:
         return self.path is not None
 
     @classmethod
-    def open(cls, path: Path) -> Library:
-        """Load ``path`` and bind every function now, so that a library that will not load means
-        "no kernel" (with the reason), not a crash at the first product."""
+    def open(cls, path: Path, quant: Path | None = None, *, quant_reason: str = "") -> Library:
+        """Load the core library ``path`` and quant.c's ``quant`` (None: not built, ``quant_reason``
+        says why) and bind every function now, so that a library that will not load means "no
+        kernel" (or no quantized kernel), with the reason, not a crash at the first product."""
         built = cls(path)
         try:
             lib = ctypes.CDLL(str(path))
             for name, (dtypes, argtypes, restype) in _SIGNATURES.items():
                 built._fns[name] = {dtype: _bind(lib, f"{name}_{SUFFIX[dtype]}", argtypes, restype) for dtype in dtypes}
             built.limits = Limits.read(lib)
-            built._quant = {name: _bind(lib, name, *sig) for name, sig in _QUANT_SIGNATURES.items()}
-            built.quant_formats = QuantFormat.read_all(built._quant["quant_format"])
-            built.quant_paths = _read_quant_paths(built._quant["quant_path"])
         except (OSError, AttributeError) as e:
             return cls(None, f"could not load {path}: {e}; delete it to rebuild")
+        built.quant_reason = quant_reason
+        if quant is not None:
+            try:
+                built._open_quant(quant)
+            except (OSError, AttributeError) as e:
+                built._quant, built.quant_formats, built.quant_paths = {}, {}, {}
+                built.quant_reason = f"could not load {quant}: {e}; delete it to rebuild"
         return built
+
+    def _open_quant(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        self._quant = {name: _bind(lib, name, *sig) for name, sig in _QUANT_SIGNATURES.items()}
+        self.quant_formats = QuantFormat.read_all(self._quant["quant_format"])
+        self.quant_paths = _read_quant_paths(self._quant["quant_path"])
+        self.quant_lib, self.quant_reason = path, ""
 
     def run(
         self, x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor

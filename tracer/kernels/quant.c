@@ -35,8 +35,8 @@
  * Three paths: AVX2+FMA+F16C intrinsics (the library is built with -mavx2 -mfma -mf16c), AVX-512F
  * (compiled for it function by function, taken where the CPU has it: twice the lanes per
  * instruction), and plain C (no intrinsics) that any CPU runs. The caller can force each (the
- * tests compare them). Built by tracer/kernels/build.py into the same library as matvec.c and
- * attend.c.
+ * tests compare them). Built by tracer/kernels/build.py into a library of its own, apart from
+ * matvec.c and attend.c (a compiler that cannot build this file leaves those working).
  */
 #include "widen.h"
 
