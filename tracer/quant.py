@@ -39,7 +39,7 @@ __all__ = ["AUTO", "TYPES", "BlockType", "EachLayer", "KeepQuantized", "QuantEmb
 AUTO = dtypes.AUTO
 
 # A prompt of up to this many rows runs row by row on the kernel: on Llama-3.2-1B shapes (Q8_0, this
-# Sapphire Rapids VM) a 4-token prefill took 0.30 s so and 0.71 s through tiles; at 16 tokens the two
+# Sapphire Rapids VM) a 4-token prefill took 0.30 s this way, 0.71 s through tiles; at 16 tokens the two
 # were even, at 64 the tiles won (2.2 s against 2.6 s).
 KERNEL_ROWS = 8
 
