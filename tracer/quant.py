@@ -58,6 +58,15 @@ def kernel_decodes(type_id: int) -> bool:
     return lib.available and type_id in lib.quant_formats
 
 
+def rows_of(blocks, kind: BlockType, rows: int, columns: int, what: str) -> torch.Tensor:
+    """``blocks`` as uint8 [rows, bytes per row] (a view, never a copy), checked to be exactly a
+    ``rows`` x ``columns`` matrix of ``kind``."""
+    raw, row = as_bytes(blocks), kind.row_bytes(columns)
+    if raw.numel() != rows * row:
+        raise ValueError(f"a {rows} x {columns} {kind.name} {what} is {rows * row} bytes, not {raw.numel()}")
+    return raw.view(rows, row)
+
+
 class QuantLinear(nn.Module):
     """``nn.Linear`` without bias whose weight [out_features, in_features] stays in GGUF blocks.
 
@@ -79,14 +88,7 @@ class QuantLinear(nn.Module):
         self.kind = block_type(kind)
         self.type_id = self.kind.type_id
         self.in_features, self.out_features = in_features, out_features
-        raw = as_bytes(blocks)
-        row = self.kind.row_bytes(in_features)
-        if raw.numel() != out_features * row:
-            raise ValueError(
-                f"a {out_features} x {in_features} {self.kind.name} weight is {out_features * row} bytes, "
-                f"not {raw.numel()}"
-            )
-        self.register_buffer("blocks", raw.view(out_features, row))
+        self.register_buffer("blocks", rows_of(blocks, self.kind, out_features, in_features, "weight"))
         if order is not None and tuple(order.shape) != (out_features,):
             raise ValueError(f"order has shape {tuple(order.shape)}, not ({out_features},)")
         self.register_buffer("order", None if order is None else order.to(torch.int64))
@@ -152,12 +154,7 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.kind = block_type(kind)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        row = self.kind.row_bytes(embedding_dim)
-        raw = as_bytes(blocks)
-        if raw.numel() != num_embeddings * row:
-            raise ValueError(f"a {num_embeddings} x {embedding_dim} {self.kind.name} table is "
-                             f"{num_embeddings * row} bytes, not {raw.numel()}")
-        self.register_buffer("blocks", raw.view(num_embeddings, row))
+        self.register_buffer("blocks", rows_of(blocks, self.kind, num_embeddings, embedding_dim, "table"))
         self.on_kernel = kernel_decodes(self.kind.type_id)
 
     def extra_repr(self) -> str:
